@@ -1,0 +1,168 @@
+//! Last-active tracking per sandbox.
+//!
+//! Each route shares one `ActivityCell` per sandbox ID with every request for it, so marking a
+//! sandbox active is a relaxed atomic load (and a store at most once per clock tick). The cells
+//! live in the tracker, outside the route, so a route update (new IP, readiness flip) keeps the
+//! sandbox's history.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock milliseconds since the Unix epoch: the unit of every last-active value.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One sandbox's last-active time (Unix ms; 0 = never seen).
+#[derive(Debug, Default)]
+pub struct ActivityCell {
+    last_ms: AtomicU64,
+}
+
+impl ActivityCell {
+    /// Marks activity at `now_ms`. Never moves time backwards (workers race; the max wins) and
+    /// skips the store when the value is already current, which keeps the cache line shared.
+    #[inline]
+    pub fn touch(&self, now_ms: u64) {
+        if self.last_ms.load(Ordering::Relaxed) < now_ms {
+            self.last_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_ms(&self) -> u64 {
+        self.last_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// All cells, by sandbox ID. Locked only when a route is added or removed and when a snapshot is
+/// taken, never on the request path.
+#[derive(Debug, Default)]
+pub struct ActivityTracker {
+    cells: Mutex<HashMap<Arc<str>, Arc<ActivityCell>>>,
+}
+
+impl ActivityTracker {
+    /// The cell for `id`, created on first use.
+    pub fn cell(&self, id: &str) -> Arc<ActivityCell> {
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cells.get(id) {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(ActivityCell::default());
+        cells.insert(id.into(), Arc::clone(&c));
+        c
+    }
+
+    /// Drops `id`'s history (its route is gone).
+    pub fn forget(&self, id: &str) {
+        self.cells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// `(id, last_ms)` for every sandbox seen active at or after `since_ms`.
+    pub fn snapshot(&self, since_ms: u64) -> Vec<(Arc<str>, u64)> {
+        let cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        cells
+            .iter()
+            .filter_map(|(id, c)| {
+                let t = c.last_ms();
+                (t != 0 && t >= since_ms).then(|| (Arc::clone(id), t))
+            })
+            .collect()
+    }
+}
+
+/// Per-stream throttle for activity on long streams (WebSocket frames, SSE chunks): the first
+/// event marks the sandbox, later ones only after `interval` has passed.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamThrottle {
+    next_ms: u64,
+}
+
+impl StreamThrottle {
+    pub fn new(now_ms: u64, interval: Duration) -> Self {
+        StreamThrottle {
+            next_ms: now_ms + interval.as_millis() as u64,
+        }
+    }
+
+    /// Returns true when this event should be recorded, and arms the next window.
+    #[inline]
+    pub fn ready(&mut self, now_ms: u64, interval: Duration) -> bool {
+        if now_ms < self.next_ms {
+            return false;
+        }
+        self.next_ms = now_ms + interval.as_millis() as u64;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touch_keeps_the_max() {
+        let c = ActivityCell::default();
+        c.touch(100);
+        c.touch(50);
+        assert_eq!(c.last_ms(), 100);
+        c.touch(150);
+        assert_eq!(c.last_ms(), 150);
+    }
+
+    #[test]
+    fn concurrent_touches_keep_the_max() {
+        let c = Arc::new(ActivityCell::default());
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let c = Arc::clone(&c);
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        c.touch(i * 4 + t);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(c.last_ms(), 9_999 * 4 + 3);
+    }
+
+    #[test]
+    fn tracker_snapshot_and_forget() {
+        let t = ActivityTracker::default();
+        t.cell("a").touch(10);
+        t.cell("b").touch(20);
+        let _never = t.cell("c");
+        let mut snap = t.snapshot(0);
+        snap.sort();
+        assert_eq!(snap, vec![("a".into(), 10), ("b".into(), 20)]);
+        assert_eq!(t.snapshot(15), vec![("b".into(), 20)]);
+        // Same cell for the same id.
+        t.cell("a").touch(30);
+        assert_eq!(t.cell("a").last_ms(), 30);
+        t.forget("a");
+        assert_eq!(t.cell("a").last_ms(), 0);
+    }
+
+    #[test]
+    fn throttle() {
+        let iv = Duration::from_millis(1000);
+        let mut th = StreamThrottle::new(0, iv);
+        assert!(!th.ready(10, iv));
+        assert!(!th.ready(999, iv));
+        assert!(th.ready(1000, iv));
+        assert!(!th.ready(1500, iv));
+        assert!(th.ready(5000, iv));
+        assert!(!th.ready(5999, iv));
+    }
+}

@@ -1,0 +1,357 @@
+//! Gateway configuration: the JSON users write, parsed once into typed structs.
+//!
+//! Shared by the Envoy module (filter config string) and sandbox-extproc. Unknown fields and bad
+//! values are errors that name the field: a half-understood config must never start serving.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid sandbox_gateway config: field `{path}`: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("invalid sandbox_gateway config: field `{field}`: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn field_err(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Header names that carry the sandbox key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderNames {
+    pub id: String,
+    pub port: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            id: "x-sandbox-id".into(),
+            port: "x-sandbox-port".into(),
+        }
+    }
+}
+
+impl HeaderNames {
+    /// E2B clients' header names.
+    pub fn e2b() -> Self {
+        HeaderNames {
+            id: "e2b-sandbox-id".into(),
+            port: "e2b-sandbox-port".into(),
+        }
+    }
+}
+
+/// How keys are found in a request (see `key::extract`). A `None`/empty source is switched off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub headers: Option<HeaderNames>,
+    /// Host `<port>-<id>.<domain>` is recognised for these domains (lowercase, no leading dot).
+    pub host_domains: Vec<String>,
+    /// Path `<prefix>/<id>/<port>/...`, prefix stripped before forwarding.
+    pub path_prefix: Option<String>,
+}
+
+/// Where routes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSourceConfig {
+    File {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
+}
+
+/// The whole, validated gateway configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub keys: KeyConfig,
+    pub routes: RouteSourceConfig,
+    pub miss_hold: Duration,
+    pub retry_after_secs: u32,
+    pub access_token_header: String,
+    pub activity_stream_throttle: Duration,
+}
+
+// ---- wire format -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_header_keys")]
+    header_keys: RawHeaderKeys,
+    #[serde(default)]
+    host_domains: Vec<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    route_source: RawRouteSource,
+    #[serde(default = "default_miss_hold_ms")]
+    miss_hold_ms: u64,
+    #[serde(default = "default_retry_after_s")]
+    retry_after_s: u32,
+    #[serde(default = "default_token_header")]
+    access_token_header: String,
+    #[serde(default = "default_activity_throttle_ms")]
+    activity_stream_throttle_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawHeaderKeys {
+    Preset(String),
+    Custom(RawHeaderNames),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderNames {
+    id: String,
+    port: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+enum RawRouteSource {
+    File {
+        path: PathBuf,
+        #[serde(default = "default_poll_ms")]
+        poll_interval_ms: u64,
+    },
+}
+
+fn default_header_keys() -> RawHeaderKeys {
+    RawHeaderKeys::Preset("default".into())
+}
+fn default_miss_hold_ms() -> u64 {
+    500
+}
+fn default_retry_after_s() -> u32 {
+    1
+}
+fn default_token_header() -> String {
+    "x-access-token".into()
+}
+fn default_activity_throttle_ms() -> u64 {
+    1000
+}
+fn default_poll_ms() -> u64 {
+    200
+}
+
+/// Upper bounds that keep a typo from turning into an hour-long hold.
+const MAX_MISS_HOLD_MS: u64 = 30_000;
+const MAX_POLL_MS: u64 = 60_000;
+
+impl GatewayConfig {
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(json);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Json {
+            path: e.path().to_string(),
+            source: e.into_inner(),
+        })?;
+        let headers = match raw.header_keys {
+            RawHeaderKeys::Preset(p) => match p.as_str() {
+                "default" => Some(HeaderNames::default()),
+                "e2b" => Some(HeaderNames::e2b()),
+                "off" => None,
+                other => {
+                    return Err(field_err(
+                        "header_keys",
+                        format!("unknown preset {other:?}; use \"default\", \"e2b\", \"off\" or {{\"id\": ..., \"port\": ...}}"),
+                    ))
+                }
+            },
+            RawHeaderKeys::Custom(n) => {
+                check_header_name("header_keys.id", &n.id)?;
+                check_header_name("header_keys.port", &n.port)?;
+                if n.id == n.port {
+                    return Err(field_err("header_keys", "id and port must differ"));
+                }
+                Some(HeaderNames {
+                    id: n.id,
+                    port: n.port,
+                })
+            }
+        };
+        for d in &raw.host_domains {
+            check_domain(d)?;
+        }
+        if let Some(p) = &raw.path_prefix {
+            check_path_prefix(p)?;
+        }
+        check_header_name("access_token_header", &raw.access_token_header)?;
+        if raw.miss_hold_ms > MAX_MISS_HOLD_MS {
+            return Err(field_err(
+                "miss_hold_ms",
+                format!("must be at most {MAX_MISS_HOLD_MS}"),
+            ));
+        }
+        if raw.retry_after_s == 0 || raw.retry_after_s > 3600 {
+            return Err(field_err("retry_after_s", "must be from 1 to 3600"));
+        }
+        if raw.activity_stream_throttle_ms == 0 || raw.activity_stream_throttle_ms > 60_000 {
+            return Err(field_err(
+                "activity_stream_throttle_ms",
+                "must be from 1 to 60000",
+            ));
+        }
+        let routes = match raw.route_source {
+            RawRouteSource::File {
+                path,
+                poll_interval_ms,
+            } => {
+                if path.as_os_str().is_empty() {
+                    return Err(field_err("route_source.path", "must not be empty"));
+                }
+                if poll_interval_ms == 0 || poll_interval_ms > MAX_POLL_MS {
+                    return Err(field_err(
+                        "route_source.poll_interval_ms",
+                        format!("must be from 1 to {MAX_POLL_MS}"),
+                    ));
+                }
+                RouteSourceConfig::File {
+                    path,
+                    poll_interval: Duration::from_millis(poll_interval_ms),
+                }
+            }
+        };
+        Ok(GatewayConfig {
+            keys: KeyConfig {
+                headers,
+                host_domains: raw.host_domains,
+                path_prefix: raw.path_prefix,
+            },
+            routes,
+            miss_hold: Duration::from_millis(raw.miss_hold_ms),
+            retry_after_secs: raw.retry_after_s,
+            access_token_header: raw.access_token_header,
+            activity_stream_throttle: Duration::from_millis(raw.activity_stream_throttle_ms),
+        })
+    }
+}
+
+/// Envoy stores header names lowercase; a name with uppercase would never match.
+fn check_header_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(field_err(
+            field,
+            format!("{name:?} is not a lowercase HTTP header name"),
+        ))
+    }
+}
+
+fn check_domain(d: &str) -> Result<(), ConfigError> {
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(field_err(
+            "host_domains",
+            format!("{d:?} is not a lowercase DNS name (no leading dot, no port)"),
+        ))
+    }
+}
+
+fn check_path_prefix(p: &str) -> Result<(), ConfigError> {
+    let ok = p.len() > 1
+        && p.starts_with('/')
+        && !p.ends_with('/')
+        && p.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+    if ok {
+        Ok(())
+    } else {
+        Err(field_err(
+            "path_prefix",
+            format!("{p:?} must start with '/', not end with '/', and have no query"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<GatewayConfig, String> {
+        GatewayConfig::from_json(s.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(r#"{"route_source": {"type": "file", "path": "/tmp/r.json"}}"#).unwrap();
+        assert_eq!(c.keys.headers, Some(HeaderNames::default()));
+        assert!(c.keys.host_domains.is_empty());
+        assert_eq!(c.keys.path_prefix, None);
+        assert_eq!(c.miss_hold, Duration::from_millis(500));
+        assert_eq!(c.retry_after_secs, 1);
+        assert_eq!(c.access_token_header, "x-access-token");
+        assert_eq!(
+            c.routes,
+            RouteSourceConfig::File {
+                path: "/tmp/r.json".into(),
+                poll_interval: Duration::from_millis(200)
+            }
+        );
+    }
+
+    #[test]
+    fn presets_and_custom_headers() {
+        let base = r#""route_source": {"type": "file", "path": "/r"}"#;
+        let c = parse(&format!(r#"{{"header_keys": "e2b", {base}}}"#)).unwrap();
+        assert_eq!(c.keys.headers, Some(HeaderNames::e2b()));
+        let c = parse(&format!(r#"{{"header_keys": "off", {base}}}"#)).unwrap();
+        assert_eq!(c.keys.headers, None);
+        let c = parse(&format!(
+            r#"{{"header_keys": {{"id": "x-box", "port": "x-box-port"}}, {base}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.keys.headers.unwrap().id, "x-box");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "bogus": 1}"#, "bogus"),
+            (r#"{}"#, "route_source"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": 999999}"#, "miss_hold_ms"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": -1}"#, "miss_hold_ms"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": ["Sandbox.Local"]}"#, "host_domains"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": [".x.io"]}"#, "host_domains"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix": "sandboxes"}"#, "path_prefix"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": "nope"}"#, "header_keys"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": {"id": "X-Id", "port": "p"}}"#, "header_keys.id"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "access_token_header": ""}"#, "access_token_header"),
+            (r#"{"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 0}"#, "retry_after_s"),
+            (r#"{"route_source": {"type": "file", "path": "/r", "poll_interval_ms": 0}}"#, "poll_interval_ms"),
+            (r#"{"route_source": {"type": "file", "path": "/r", "extra": true}}"#, "extra"),
+            (r#"{"route_source": {"type": "kube"}}"#, "kube"),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).expect_err(json);
+            assert!(err.contains(field), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Sandbox routing core, shared by the Envoy module (`filter/`) and `sandbox-extproc`.
+//!
+//! Pure Rust with no Envoy types: key extraction from a request, the route table, route sources,
+//! access tokens and last-active tracking. Everything on the per-request path is allocation-free.
+
+pub mod activity;
+pub mod config;
+pub mod file_source;
+pub mod key;
+pub mod table;
+pub mod token;
+
+pub use config::{ConfigError, GatewayConfig, KeyConfig};
+pub use key::{extract, KeyError, KeySource, RequestView, SandboxKey};
+pub use table::{Route, RouteSpec, RouteTable, TargetBuf};

@@ -1,0 +1,230 @@
+//! The route table: sandbox ID → where its pod listens. One per gateway process, read on every
+//! request by every worker, written by a route source.
+//!
+//! Reads are a `moka` lookup by `&str` plus an `Arc` clone: no allocation, no lock held while the
+//! request is processed. Writers replace whole `Route` values, so a reader sees either the old or
+//! the new route, never a mix.
+
+use crate::activity::{ActivityCell, ActivityTracker};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// What a route source says about one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub id: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub token_sha256: Option<[u8; 32]>,
+}
+
+/// A routable sandbox as the data path sees it.
+#[derive(Debug)]
+pub struct Route {
+    pub spec: RouteSpec,
+    /// `ip:port` for the default port, formatted once so the common case never formats.
+    default_target: Box<str>,
+    pub activity: Arc<ActivityCell>,
+}
+
+/// Room for the longest `[v6]:port` (47 + 6 bytes) without touching the heap.
+pub type TargetBuf = arrayvec::ArrayString<64>;
+
+impl Route {
+    fn new(spec: RouteSpec, activity: Arc<ActivityCell>) -> Self {
+        let default_target = SocketAddr::new(spec.ip, spec.port).to_string().into();
+        Route {
+            spec,
+            default_target,
+            activity,
+        }
+    }
+
+    /// The upstream address, `ip:port`, in the form Envoy's original-destination filter state
+    /// parses. Only the port can come from the client; the IP is always the route's.
+    pub fn target<'b>(&'b self, port: Option<u16>, buf: &'b mut TargetBuf) -> &'b str {
+        match port {
+            None => &self.default_target,
+            Some(p) if p == self.spec.port => &self.default_target,
+            Some(p) => {
+                buf.clear();
+                // Cannot fail: the buffer fits any socket address.
+                let _ = write!(buf, "{}", SocketAddr::new(self.spec.ip, p));
+                buf.as_str()
+            }
+        }
+    }
+}
+
+/// The shared route table.
+pub struct RouteTable {
+    routes: moka::sync::Cache<Arc<str>, Arc<Route>>,
+    activity: ActivityTracker,
+    changed: Notify,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouteTable {
+    pub fn new() -> Self {
+        RouteTable {
+            // Unbounded on purpose: evicting a live route would turn into false 404s. Size is
+            // bounded by the route source (one entry per sandbox).
+            routes: moka::sync::Cache::builder().build(),
+            activity: ActivityTracker::default(),
+            changed: Notify::new(),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, id: &str) -> Option<Arc<Route>> {
+        self.routes.get(id)
+    }
+
+    /// Inserts or replaces a route. Returns false when nothing changed (no wake-ups, no churn).
+    pub fn upsert(&self, spec: RouteSpec) -> bool {
+        if let Some(old) = self.routes.get(spec.id.as_str()) {
+            if old.spec == spec {
+                return false;
+            }
+        }
+        let cell = self.activity.cell(&spec.id);
+        let id: Arc<str> = spec.id.as_str().into();
+        self.routes.insert(id, Arc::new(Route::new(spec, cell)));
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Removes a route; in-flight requests that already hold it finish, new ones miss.
+    pub fn remove(&self, id: &str) -> bool {
+        let removed = self.routes.remove(id).is_some();
+        if removed {
+            self.activity.forget(id);
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// Number of routes (exact after `sync`, which route sources call after a batch).
+    pub fn len(&self) -> u64 {
+        self.routes.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Finishes moka's deferred bookkeeping so `len` is exact.
+    pub fn sync(&self) {
+        self.routes.run_pending_tasks();
+    }
+
+    pub fn ids(&self) -> Vec<Arc<str>> {
+        self.routes.iter().map(|(k, _)| Arc::clone(&*k)).collect()
+    }
+
+    pub fn activity(&self) -> &ActivityTracker {
+        &self.activity
+    }
+
+    /// Waits up to `timeout` for `id` to have a route (ready or not). Used for the short hold on a
+    /// miss: right after a claim the route may be milliseconds away.
+    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Option<Arc<Route>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Register before checking so an insert between the check and the await wakes us.
+            notified.as_mut().enable();
+            if let Some(r) = self.get(id) {
+                return Some(r);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.get(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec(id: &str, ip: &str, port: u16) -> RouteSpec {
+        RouteSpec {
+            id: id.into(),
+            ip: ip.parse().unwrap(),
+            port,
+            ready: true,
+            token_sha256: None,
+        }
+    }
+
+    #[test]
+    fn upsert_get_remove() {
+        let t = RouteTable::new();
+        assert!(t.get("a").is_none());
+        assert!(t.upsert(spec("a", "10.0.0.1", 80)));
+        assert!(!t.upsert(spec("a", "10.0.0.1", 80)), "identical upsert is a no-op");
+        let r = t.get("a").unwrap();
+        let mut buf = TargetBuf::default();
+        assert_eq!(r.target(None, &mut buf), "10.0.0.1:80");
+        assert_eq!(r.target(Some(8080), &mut buf), "10.0.0.1:8080");
+        assert!(t.upsert(spec("a", "10.0.0.2", 80)));
+        assert_eq!(t.get("a").unwrap().target(None, &mut buf), "10.0.0.2:80");
+        // The old Arc a request holds is unchanged.
+        assert_eq!(r.target(None, &mut buf), "10.0.0.1:80");
+        assert!(t.remove("a"));
+        assert!(!t.remove("a"));
+        assert!(t.get("a").is_none());
+    }
+
+    #[test]
+    fn ipv6_target_is_bracketed() {
+        let t = RouteTable::new();
+        t.upsert(spec("v6", "fd00::1", 80));
+        let r = t.get("v6").unwrap();
+        let mut buf = TargetBuf::default();
+        assert_eq!(r.target(None, &mut buf), "[fd00::1]:80");
+        assert_eq!(
+            r.target(Some(65535), &mut buf),
+            "[fd00::1]:65535"
+        );
+        t.upsert(spec("v6b", "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", 1));
+        let r = t.get("v6b").unwrap();
+        assert!(r.target(Some(65535), &mut buf).ends_with(":65535"));
+    }
+
+    #[test]
+    fn activity_survives_route_updates() {
+        let t = RouteTable::new();
+        t.upsert(spec("a", "10.0.0.1", 80));
+        t.get("a").unwrap().activity.touch(1000);
+        t.upsert(spec("a", "10.0.0.9", 80));
+        assert_eq!(t.get("a").unwrap().activity.last_ms(), 1000);
+    }
+
+    #[tokio::test]
+    async fn wait_for_sees_a_late_route_and_times_out_otherwise() {
+        let t = Arc::new(RouteTable::new());
+        let t2 = Arc::clone(&t);
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t2.upsert(spec("late", "10.0.0.1", 80));
+        });
+        let got = t.wait_for("late", Duration::from_secs(5)).await;
+        assert!(got.is_some());
+        writer.await.unwrap();
+        let start = std::time::Instant::now();
+        assert!(t.wait_for("never", Duration::from_millis(50)).await.is_none());
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+}
