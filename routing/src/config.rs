@@ -153,10 +153,11 @@ const MAX_POLL_MS: u64 = 60_000;
 impl GatewayConfig {
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Json {
-            path: e.path().to_string(),
-            source: e.into_inner(),
-        })?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Json {
+                path: e.path().to_string(),
+                source: e.into_inner(),
+            })?;
         let headers = match raw.header_keys {
             RawHeaderKeys::Preset(p) => match p.as_str() {
                 "default" => Some(HeaderNames::default()),
@@ -280,7 +281,8 @@ fn check_path_prefix(p: &str) -> Result<(), ConfigError> {
     let ok = p.len() > 1
         && p.starts_with('/')
         && !p.ends_with('/')
-        && p.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+        && p.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
     if ok {
         Ok(())
     } else {
@@ -334,19 +336,55 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "bogus": 1}"#, "bogus"),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "bogus": 1}"#,
+                "bogus",
+            ),
             (r#"{}"#, "route_source"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": 999999}"#, "miss_hold_ms"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": -1}"#, "miss_hold_ms"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": ["Sandbox.Local"]}"#, "host_domains"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": [".x.io"]}"#, "host_domains"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix": "sandboxes"}"#, "path_prefix"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": "nope"}"#, "header_keys"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": {"id": "X-Id", "port": "p"}}"#, "header_keys.id"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "access_token_header": ""}"#, "access_token_header"),
-            (r#"{"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 0}"#, "retry_after_s"),
-            (r#"{"route_source": {"type": "file", "path": "/r", "poll_interval_ms": 0}}"#, "poll_interval_ms"),
-            (r#"{"route_source": {"type": "file", "path": "/r", "extra": true}}"#, "extra"),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": 999999}"#,
+                "miss_hold_ms",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "miss_hold_ms": -1}"#,
+                "miss_hold_ms",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": ["Sandbox.Local"]}"#,
+                "host_domains",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "host_domains": [".x.io"]}"#,
+                "host_domains",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix": "sandboxes"}"#,
+                "path_prefix",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": "nope"}"#,
+                "header_keys",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": {"id": "X-Id", "port": "p"}}"#,
+                "header_keys.id",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "access_token_header": ""}"#,
+                "access_token_header",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 0}"#,
+                "retry_after_s",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r", "poll_interval_ms": 0}}"#,
+                "poll_interval_ms",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r", "extra": true}}"#,
+                "extra",
+            ),
             (r#"{"route_source": {"type": "kube"}}"#, "kube"),
         ];
         for (json, field) in cases {

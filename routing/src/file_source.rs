@@ -78,7 +78,9 @@ pub fn parse_routes(path: &Path, bytes: &[u8]) -> Result<Vec<RouteSpec>, RouteFi
             reason,
         };
         if validate_id(r.id.as_bytes()).is_err() {
-            return Err(invalid("id is not a lowercase DNS label (1-63 chars of a-z, 0-9, '-')"));
+            return Err(invalid(
+                "id is not a lowercase DNS label (1-63 chars of a-z, 0-9, '-')",
+            ));
         }
         if r.port == 0 {
             return Err(invalid("port must be from 1 to 65535"));
@@ -89,7 +91,8 @@ pub fn parse_routes(path: &Path, bytes: &[u8]) -> Result<Vec<RouteSpec>, RouteFi
         let token_sha256 = match &r.access_token_sha256 {
             None => None,
             Some(h) => Some(
-                parse_sha256_hex(h).ok_or_else(|| invalid("access_token_sha256 must be 64 hex digits"))?,
+                parse_sha256_hex(h)
+                    .ok_or_else(|| invalid("access_token_sha256 must be 64 hex digits"))?,
             ),
         };
         if !seen.insert(r.id.clone()) {
@@ -229,7 +232,9 @@ impl FileSource {
             upserted += usize::from(self.table.upsert(spec));
         }
         self.table.sync();
-        self.stats.routes.store(new_ids.len() as u64, Ordering::Relaxed);
+        self.stats
+            .routes
+            .store(new_ids.len() as u64, Ordering::Relaxed);
         self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), routes = new_ids.len(), upserted, removed,
             "routes file applied");
@@ -238,7 +243,11 @@ impl FileSource {
     }
 
     /// Polls every `interval` until `shutdown` resolves.
-    pub async fn run(mut self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,19 +281,45 @@ mod tests {
     fn parse_rejects_bad_entries_with_a_clear_message() {
         let p = Path::new("/r.json");
         let cases = [
-            (r#"{"sandboxes": [{"id": "A", "ip": "127.0.0.1", "port": 1}]}"#, "sandboxes[0]"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "nope", "port": 1}]}"#, "sandboxes[0].ip"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 0}]}"#, "port"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 70000}]}"#, "sandboxes[0].port"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "0.0.0.0", "port": 1}]}"#, "unicast"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1, "x": 1}]}"#, "x"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1, "access_token_sha256": "ab"}]}"#, "access_token_sha256"),
-            (r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1}, {"id": "a", "ip": "127.0.0.2", "port": 1}]}"#, "duplicate"),
+            (
+                r#"{"sandboxes": [{"id": "A", "ip": "127.0.0.1", "port": 1}]}"#,
+                "sandboxes[0]",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "nope", "port": 1}]}"#,
+                "sandboxes[0].ip",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 0}]}"#,
+                "port",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 70000}]}"#,
+                "sandboxes[0].port",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "0.0.0.0", "port": 1}]}"#,
+                "unicast",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1, "x": 1}]}"#,
+                "x",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1, "access_token_sha256": "ab"}]}"#,
+                "access_token_sha256",
+            ),
+            (
+                r#"{"sandboxes": [{"id": "a", "ip": "127.0.0.1", "port": 1}, {"id": "a", "ip": "127.0.0.2", "port": 1}]}"#,
+                "duplicate",
+            ),
             (r#"{"sandboxes": "#, "EOF"),
             (r#"[]"#, "expected struct"),
         ];
         for (json, needle) in cases {
-            let e = parse_routes(p, json.as_bytes()).expect_err(json).to_string();
+            let e = parse_routes(p, json.as_bytes())
+                .expect_err(json)
+                .to_string();
             assert!(e.contains(needle), "{json}: {e}");
         }
     }
@@ -348,7 +383,10 @@ mod tests {
 
         // And the next good file applies.
         write(&path, r#"{"sandboxes": []}"#);
-        assert!(matches!(src.poll_once(), PollOutcome::Applied { removed: 2, .. }));
+        assert!(matches!(
+            src.poll_once(),
+            PollOutcome::Applied { removed: 2, .. }
+        ));
         assert!(t.is_empty());
         assert_eq!(stats.routes.load(Ordering::Relaxed), 0);
     }

@@ -69,8 +69,8 @@ pub enum KeyError {
     InvalidId,
     #[error("sandbox port must be a decimal number from 1 to 65535")]
     InvalidPort,
-    #[error("request header is not valid")]
-    InvalidHeader,
+    #[error("a sandbox routing header was sent more than once")]
+    DuplicateHeader,
 }
 
 impl KeyError {
@@ -79,16 +79,17 @@ impl KeyError {
             KeyError::Missing => "missing_sandbox_id",
             KeyError::InvalidId => "invalid_sandbox_id",
             KeyError::InvalidPort => "invalid_sandbox_port",
-            KeyError::InvalidHeader => "invalid_header",
+            KeyError::DuplicateHeader => "duplicate_header",
         }
     }
 }
 
 /// What extraction needs from a request. Implemented over Envoy's header map by the filter and
 /// over ext_proc's header list by sandbox-extproc; values are raw bytes because clients can send
-/// anything.
+/// anything. A header sent more than once is `Err(DuplicateHeader)`: which copy a proxy or the
+/// sandbox would read is not ours to guess.
 pub trait RequestView {
-    fn header(&self, name: &str) -> Option<&[u8]>;
+    fn header(&self, name: &str) -> Result<Option<&[u8]>, KeyError>;
     fn authority(&self) -> Option<&[u8]>;
     fn path(&self) -> Option<&[u8]>;
 }
@@ -128,9 +129,9 @@ pub fn extract<'a, R: RequestView + ?Sized>(
     req: &'a R,
 ) -> Result<SandboxKey<'a>, KeyError> {
     if let Some(names) = &cfg.headers {
-        if let Some(raw) = req.header(&names.id) {
+        if let Some(raw) = req.header(&names.id)? {
             let id = validate_id(raw)?;
-            let port = match req.header(&names.port) {
+            let port = match req.header(&names.port)? {
                 Some(p) => Some(parse_port(p)?),
                 None => None,
             };
@@ -254,11 +255,13 @@ mod tests {
         path: Option<Vec<u8>>,
     }
     impl RequestView for Req {
-        fn header(&self, name: &str) -> Option<&[u8]> {
-            self.headers
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.as_slice())
+        fn header(&self, name: &str) -> Result<Option<&[u8]>, KeyError> {
+            let mut found = self.headers.iter().filter(|(n, _)| *n == name);
+            let first = found.next().map(|(_, v)| v.as_slice());
+            if found.next().is_some() {
+                return Err(KeyError::DuplicateHeader);
+            }
+            Ok(first)
         }
         fn authority(&self) -> Option<&[u8]> {
             self.authority.as_deref()
@@ -334,7 +337,17 @@ mod tests {
         assert_eq!(parse_port(b"1"), Ok(1));
         assert_eq!(parse_port(b"65535"), Ok(65535));
         assert_eq!(parse_port(b"08080"), Ok(8080));
-        for bad in [&b""[..], b"0", b"65536", b"99999", b"+80", b"80 ", b"-1", b"123456", b"8o"] {
+        for bad in [
+            &b""[..],
+            b"0",
+            b"65536",
+            b"99999",
+            b"+80",
+            b"80 ",
+            b"-1",
+            b"123456",
+            b"8o",
+        ] {
             assert_eq!(parse_port(bad), Err(KeyError::InvalidPort), "{bad:?}");
         }
     }
@@ -344,7 +357,10 @@ mod tests {
         let c = cfg();
         let r = hdr("abc", Some("8080"));
         let k = extract(&c, &r).unwrap();
-        assert_eq!((k.id, k.port, k.source), ("abc", Some(8080), KeySource::Header));
+        assert_eq!(
+            (k.id, k.port, k.source),
+            ("abc", Some(8080), KeySource::Header)
+        );
         let r = hdr("abc", None);
         assert_eq!(extract(&c, &r).unwrap().port, None);
         assert_eq!(extract(&c, &hdr("ABC", None)), Err(KeyError::InvalidId));
@@ -363,6 +379,17 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_key_headers_are_rejected() {
+        let c = cfg();
+        let mut r = hdr("abc", None);
+        r.headers.push(("x-sandbox-id", b"other".to_vec()));
+        assert_eq!(extract(&c, &r), Err(KeyError::DuplicateHeader));
+        let mut r = hdr("abc", Some("80"));
+        r.headers.push(("x-sandbox-port", b"81".to_vec()));
+        assert_eq!(extract(&c, &r), Err(KeyError::DuplicateHeader));
+    }
+
+    #[test]
     fn host_key() {
         let c = cfg();
         let key = |h: &str| {
@@ -377,7 +404,10 @@ mod tests {
             key("3000-my-box-1.BOX.example.com:443"),
             Ok(("my-box-1".into(), Some(3000), KeySource::Host))
         );
-        assert_eq!(key("abc.sandbox.local"), Ok(("abc".into(), None, KeySource::Host)));
+        assert_eq!(
+            key("abc.sandbox.local"),
+            Ok(("abc".into(), None, KeySource::Host))
+        );
         assert_eq!(
             extract(&c, &host("8080-ABC.sandbox.local")),
             Err(KeyError::InvalidId)
@@ -405,10 +435,16 @@ mod tests {
         let c = cfg();
         let r = path(b"/sandboxes/abc/8080/api/v1?x=1");
         let k = extract(&c, &r).unwrap();
-        assert_eq!((k.id, k.port, k.source), ("abc", Some(8080), KeySource::Path));
+        assert_eq!(
+            (k.id, k.port, k.source),
+            ("abc", Some(8080), KeySource::Path)
+        );
         assert_eq!(k.rewritten_path.unwrap().to_path(), b"/api/v1?x=1");
         let r = path(b"/sandboxes/abc/8080");
-        assert_eq!(extract(&c, &r).unwrap().rewritten_path.unwrap().to_path(), b"/");
+        assert_eq!(
+            extract(&c, &r).unwrap().rewritten_path.unwrap().to_path(),
+            b"/"
+        );
         let r = path(b"/sandboxes/abc/8080?q");
         assert_eq!(
             extract(&c, &r).unwrap().rewritten_path.unwrap().to_path(),
@@ -427,7 +463,10 @@ mod tests {
             Err(KeyError::InvalidId)
         );
         assert_eq!(extract(&c, &path(b"/sandboxes")), Err(KeyError::Missing));
-        assert_eq!(extract(&c, &path(b"/sandboxesx/a/80")), Err(KeyError::Missing));
+        assert_eq!(
+            extract(&c, &path(b"/sandboxesx/a/80")),
+            Err(KeyError::Missing)
+        );
         assert_eq!(extract(&c, &path(b"/other")), Err(KeyError::Missing));
     }
 

@@ -173,7 +173,10 @@ mod tests {
         let t = RouteTable::new();
         assert!(t.get("a").is_none());
         assert!(t.upsert(spec("a", "10.0.0.1", 80)));
-        assert!(!t.upsert(spec("a", "10.0.0.1", 80)), "identical upsert is a no-op");
+        assert!(
+            !t.upsert(spec("a", "10.0.0.1", 80)),
+            "identical upsert is a no-op"
+        );
         let r = t.get("a").unwrap();
         let mut buf = TargetBuf::default();
         assert_eq!(r.target(None, &mut buf), "10.0.0.1:80");
@@ -194,11 +197,12 @@ mod tests {
         let r = t.get("v6").unwrap();
         let mut buf = TargetBuf::default();
         assert_eq!(r.target(None, &mut buf), "[fd00::1]:80");
-        assert_eq!(
-            r.target(Some(65535), &mut buf),
-            "[fd00::1]:65535"
-        );
-        t.upsert(spec("v6b", "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", 1));
+        assert_eq!(r.target(Some(65535), &mut buf), "[fd00::1]:65535");
+        t.upsert(spec(
+            "v6b",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            1,
+        ));
         let r = t.get("v6b").unwrap();
         assert!(r.target(Some(65535), &mut buf).ends_with(":65535"));
     }
@@ -224,7 +228,10 @@ mod tests {
         assert!(got.is_some());
         writer.await.unwrap();
         let start = std::time::Instant::now();
-        assert!(t.wait_for("never", Duration::from_millis(50)).await.is_none());
+        assert!(t
+            .wait_for("never", Duration::from_millis(50))
+            .await
+            .is_none());
         assert!(start.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -1,0 +1,168 @@
+//! One loaded filter config: the parsed config, the route table and its source, the metrics,
+//! and the small tokio runtime that runs background work (route file polling, miss holds).
+//!
+//! Created on Envoy's main thread in `config_new`, shared read-only by every worker's filters,
+//! destroyed on the main thread after the last filter that used it.
+
+use crate::ffi::handle::ConfigScheduler;
+use crate::ffi::{FilterConfigHandle, MetricId};
+use routing::config::RouteSourceConfig;
+use routing::file_source::{FileSource, SourceStats};
+use routing::{GatewayConfig, RouteTable};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Panics caught at the FFI boundary, published as a counter on the next stats tick.
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+pub fn note_panic(hook: &'static str) {
+    PANICS.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(hook, "panic caught at the Envoy boundary");
+}
+
+const EVENT_PUBLISH_STATS: u64 = 1;
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] routing::ConfigError),
+    #[error(transparent)]
+    Routes(#[from] routing::file_source::RouteFileError),
+    #[error(transparent)]
+    Metric(#[from] crate::ffi::handle::MetricError),
+    #[error("starting the background runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Metric handles. Names are as Envoy shows them under the module's stats prefix.
+pub struct Metrics {
+    pub routed: MetricId,
+    pub local_replies: MetricId,
+    pub miss_holds: MetricId,
+    pub miss_hold_ms: MetricId,
+    routes: MetricId,
+    reloads_ok: MetricId,
+    reloads_failed: MetricId,
+    panics: MetricId,
+}
+
+impl Metrics {
+    fn define(h: &FilterConfigHandle) -> Result<Self, GatewayError> {
+        Ok(Metrics {
+            routed: h.define_counter("requests_routed", &[])?,
+            local_replies: h.define_counter("local_replies", &["error"])?,
+            miss_holds: h.define_counter("miss_holds", &[])?,
+            miss_hold_ms: h.define_histogram("miss_hold_ms")?,
+            routes: h.define_gauge("routes")?,
+            reloads_ok: h.define_counter("route_reloads_ok", &[])?,
+            reloads_failed: h.define_counter("route_reloads_failed", &[])?,
+            panics: h.define_counter("panics", &[])?,
+        })
+    }
+}
+
+/// Values already published, so counters get deltas.
+#[derive(Default)]
+struct Published {
+    reloads_ok: u64,
+    reloads_failed: u64,
+    panics: u64,
+}
+
+pub struct Gateway {
+    pub cfg: GatewayConfig,
+    pub table: Arc<RouteTable>,
+    pub metrics: Metrics,
+    handle: FilterConfigHandle,
+    source_stats: Arc<SourceStats>,
+    published: Mutex<Published>,
+    runtime: Option<tokio::runtime::Runtime>,
+    stats_scheduler: Option<Arc<ConfigScheduler>>,
+}
+
+impl Gateway {
+    pub fn new(handle: FilterConfigHandle, config: &[u8]) -> Result<Self, GatewayError> {
+        let cfg = GatewayConfig::from_json(config)?;
+        let metrics = Metrics::define(&handle)?;
+        let table = Arc::new(RouteTable::new());
+        let source_stats = Arc::new(SourceStats::default());
+        let RouteSourceConfig::File {
+            path,
+            poll_interval,
+        } = &cfg.routes;
+        let source = FileSource::open(path.clone(), Arc::clone(&table), Arc::clone(&source_stats))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sandbox-gateway")
+            .enable_all()
+            .build()
+            .map_err(GatewayError::Runtime)?;
+        runtime.spawn(source.run(*poll_interval, std::future::pending()));
+        let stats_scheduler = handle.scheduler().map(Arc::new);
+        if let Some(s) = &stats_scheduler {
+            let s = Arc::clone(s);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(STATS_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    s.commit(EVENT_PUBLISH_STATS);
+                }
+            });
+        }
+        tracing::info!(routes = table.len(), "sandbox_gateway config loaded");
+        Ok(Gateway {
+            cfg,
+            table,
+            metrics,
+            handle,
+            source_stats,
+            published: Mutex::new(Published::default()),
+            runtime: Some(runtime),
+            stats_scheduler,
+        })
+    }
+
+    /// Runs `fut` on the module's runtime (never on an Envoy worker).
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.runtime {
+            rt.spawn(fut);
+        }
+    }
+
+    /// Main thread: publish gauges and counter deltas that background threads collected.
+    pub fn on_config_scheduled(&self, event_id: u64) {
+        if event_id != EVENT_PUBLISH_STATS {
+            return;
+        }
+        self.handle.set_gauge(self.metrics.routes, self.table.len());
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = self.source_stats.reloads_ok.load(Ordering::Relaxed);
+        let failed = self.source_stats.reloads_failed.load(Ordering::Relaxed);
+        let panics = PANICS.load(Ordering::Relaxed);
+        self.handle
+            .increment_counter(self.metrics.reloads_ok, ok.saturating_sub(p.reloads_ok));
+        self.handle.increment_counter(
+            self.metrics.reloads_failed,
+            failed.saturating_sub(p.reloads_failed),
+        );
+        self.handle
+            .increment_counter(self.metrics.panics, panics.saturating_sub(p.panics));
+        *p = Published {
+            reloads_ok: ok,
+            reloads_failed: failed,
+            panics,
+        };
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Stop every thread that could commit to a scheduler before the schedulers are freed.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+        self.stats_scheduler.take();
+    }
+}

@@ -1,0 +1,4 @@
+//! Test support for sandbox-gateway: a local "sandbox" upstream server used by
+//! the demo, the end-to-end tests and the benchmarks.
+
+pub mod sandbox;

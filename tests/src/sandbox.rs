@@ -1,0 +1,451 @@
+//! A small local "sandbox" server: the upstream behind the gateway in the demo,
+//! the end-to-end tests and the benchmarks.
+//!
+//! One listener speaks HTTP/1.1 (keep-alive) and h2c and serves:
+//! * `GET /sse?n=N&interval_ms=M` — N server-sent events, M ms apart;
+//! * a WebSocket upgrade on any path — echoes messages, `whoami` names the sandbox;
+//! * `/bench` — a fixed `ok`, kept as cheap as possible for load tests;
+//! * anything else — a JSON description of the request, so tests can check
+//!   what the gateway forwarded (method, path, headers, body length).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, warn};
+
+/// Fixed and small bodies stay unboxed so `/bench` never allocates for its body.
+type Body = Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>;
+
+const BENCH_BODY: Bytes = Bytes::from_static(b"ok");
+
+/// Room for connection bursts from benchmarks; tokio's default backlog is 1024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A running sandbox server. Dropping it (or calling [`SandboxServer::shutdown`])
+/// stops the listener and closes every open connection, including upgraded ones.
+pub struct SandboxServer {
+    pub addr: SocketAddr,
+    // Dropping the sender is the stop signal: every task watches for the close.
+    stop: watch::Sender<()>,
+    accept_task: JoinHandle<()>,
+}
+
+struct State {
+    name: String,
+    /// JSON string literal of the name, escaped once instead of per SSE event.
+    name_json: String,
+}
+
+impl SandboxServer {
+    /// Binds `bind` (port 0 picks a free port) and serves in the background on
+    /// the current tokio runtime.
+    pub async fn start(name: &str, bind: SocketAddr) -> anyhow::Result<SandboxServer> {
+        let socket = if bind.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Lets a restarted demo sandbox rebind its port while old sockets sit in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(bind)?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
+        let addr = listener.local_addr()?;
+
+        let name_json = serde_json::to_string(name)?;
+        let state = Arc::new(State {
+            name: name.to_owned(),
+            name_json,
+        });
+        let (stop, stopped) = watch::channel(());
+        let accept_task = tokio::spawn(accept_loop(listener, state, stopped));
+        info!(sandbox = %name, %addr, "sandbox listening");
+        Ok(SandboxServer {
+            addr,
+            stop,
+            accept_task,
+        })
+    }
+
+    /// Stops the server; once this returns the listening socket is closed.
+    pub async fn shutdown(self) {
+        drop(self.stop);
+        let _ = self.accept_task.await;
+    }
+
+    /// Serves until SIGINT (ctrl-c) or, on unix, SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        wait_for_signal().await?;
+        info!(addr = %self.addr, "signal received, shutting down");
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let terminated = term.recv();
+    // Without SIGTERM (non-unix) only ctrl-c can end the wait.
+    #[cfg(not(unix))]
+    let terminated = std::future::pending::<()>();
+    tokio::select! {
+        res = tokio::signal::ctrl_c() => res?,
+        _ = terminated => {}
+    }
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watch::Receiver<()>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, peer) = tokio::select! {
+            res = listener.accept() => match res {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Usually fd exhaustion under load: back off instead of spinning.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        // Small SSE events and WebSocket echoes must not wait for Nagle; best effort.
+        let _ = stream.set_nodelay(true);
+        let (builder, state, mut stopped) = (builder.clone(), state.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let conn_stopped = stopped.clone();
+            let service = hyper::service::service_fn(move |req| {
+                handle(state.clone(), conn_stopped.clone(), req)
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::select! {
+                res = conn => if let Err(err) = res {
+                    debug!(%err, %peer, "connection ended with error");
+                },
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    stopped: watch::Receiver<()>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/bench" {
+        return Ok(Response::new(Either::Left(Full::new(BENCH_BODY))));
+    }
+    // h2 has no Upgrade mechanism (RFC 8441 CONNECT is not needed here).
+    if req.version() == Version::HTTP_11 && wants_websocket(&req) {
+        return Ok(websocket_upgrade(state, stopped, req));
+    }
+    if req.uri().path() == "/sse" && req.method() == hyper::Method::GET {
+        return Ok(sse(&state, req.uri().query().unwrap_or("")));
+    }
+    Ok(echo(&state, req).await)
+}
+
+fn wants_websocket(req: &Request<Incoming>) -> bool {
+    req.headers().get_all(header::UPGRADE).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
+        })
+    })
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(body.into()))
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn plain(status: StatusCode, msg: &'static str) -> Response<Body> {
+    response(status, "text/plain", full(msg))
+}
+
+fn websocket_upgrade(
+    state: Arc<State>,
+    mut stopped: watch::Receiver<()>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return plain(StatusCode::BAD_REQUEST, "no websocket key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                debug!(%err, "websocket upgrade failed");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        tokio::select! {
+            _ = websocket_echo(ws, &state) => {}
+            _ = stopped.changed() => {}
+        }
+    });
+
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Either::Left(Full::default()))
+        // Unreachable in practice: every value above is a valid header value.
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
+async fn websocket_echo<S>(mut ws: WebSocketStream<S>, state: &State)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(msg) = ws.next().await {
+        let reply = match msg {
+            Ok(Message::Text(text)) if text.as_str() == "whoami" => {
+                Message::text(format!("{{\"sandbox\":{}}}", state.name_json))
+            }
+            Ok(msg @ (Message::Text(_) | Message::Binary(_))) => msg,
+            // tungstenite answers pings and close frames itself.
+            Ok(_) => continue,
+            Err(err) => {
+                debug!(%err, "websocket read failed");
+                return;
+            }
+        };
+        if let Err(err) = ws.send(reply).await {
+            debug!(%err, "websocket write failed");
+            return;
+        }
+    }
+}
+
+fn query_u64(query: &str, key: &str) -> Option<u64> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn sse(state: &State, query: &str) -> Response<Body> {
+    let n = query_u64(query, "n").unwrap_or(5);
+    let interval = Duration::from_millis(query_u64(query, "interval_ms").unwrap_or(100));
+    let name_json = state.name_json.clone();
+    let events = futures_util::stream::unfold(0u64, move |seq| {
+        let event = format!("data: {{\"seq\":{seq},\"sandbox\":{name_json}}}\n\n");
+        async move {
+            if seq >= n {
+                return None;
+            }
+            // The first event goes out at once so clients see the stream open promptly.
+            if seq > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok(Frame::data(Bytes::from(event))), seq + 1))
+        }
+    });
+    let body = Either::Right(BodyExt::boxed_unsync(StreamBody::new(events)));
+    let mut resp = response(StatusCode::OK, "text/event-stream", body);
+    // Keeps intermediaries from buffering or replaying the stream.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+#[derive(Serialize)]
+struct Echo<'a> {
+    sandbox: &'a str,
+    method: &'a str,
+    path: &'a str,
+    headers: BTreeMap<&'a str, String>,
+    body_len: u64,
+}
+
+async fn echo(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let (parts, mut body) = req.into_parts();
+    // Count frames rather than collecting so large uploads don't sit in memory.
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => body_len += frame.data_ref().map_or(0, |d| d.len() as u64),
+            Err(err) => {
+                debug!(%err, "reading request body failed");
+                return plain(StatusCode::BAD_REQUEST, "bad request body");
+            }
+        }
+    }
+    // Repeated headers are folded as HTTP allows, so a JSON object can hold them.
+    let headers = parts.headers.keys().map(|name| {
+        let values = parts.headers.get_all(name).iter();
+        let values: Vec<_> = values
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        (name.as_str(), values.join(", "))
+    });
+    let echo = Echo {
+        sandbox: &state.name,
+        method: parts.method.as_str(),
+        path: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        headers: headers.collect(),
+        body_len,
+    };
+    match serde_json::to_vec(&echo) {
+        Ok(json) => response(StatusCode::OK, "application/json", full(json)),
+        Err(err) => {
+            warn!(%err, "serializing echo failed");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::client::conn::http1;
+    use tokio::net::TcpStream;
+
+    type Conn = http1::SendRequest<Full<Bytes>>;
+
+    async fn start() -> SandboxServer {
+        SandboxServer::start("sb-test", ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap()
+    }
+
+    async fn connect(addr: SocketAddr) -> Conn {
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (sender, conn) = http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn send(conn: &mut Conn, req: Request<Full<Bytes>>) -> Response<Bytes> {
+        let (parts, body) = conn.send_request(req).await.unwrap().into_parts();
+        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::get(path)
+            .header("host", "sandbox")
+            .body(Full::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn echo_describes_the_request() {
+        let server = start().await;
+        let req = Request::post("/some/path?x=1&y=two")
+            .header("host", "sandbox")
+            .header("X-Custom", "Hello")
+            .header("x-dup", "a")
+            .header("x-dup", "b")
+            .header("x-bin", HeaderValue::from_bytes(b"a\xffb").unwrap())
+            .body(Full::new(Bytes::from_static(b"abcd")))
+            .unwrap();
+        let resp = send(&mut connect(server.addr).await, req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let json: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(json["sandbox"], "sb-test");
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/some/path?x=1&y=two");
+        assert_eq!(json["headers"]["x-custom"], "Hello");
+        assert_eq!(json["headers"]["x-bin"], "a\u{fffd}b");
+        assert_eq!(json["headers"]["x-dup"], "a, b");
+        assert_eq!(json["body_len"], 4);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn sse_sends_n_events() {
+        let server = start().await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, get("/sse?n=3&interval_ms=5")).await;
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let text = std::str::from_utf8(resp.body()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3);
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event["seq"], i);
+            assert_eq!(event["sandbox"], "sb-test");
+        }
+    }
+
+    #[tokio::test]
+    async fn bench_is_plain_ok_over_keep_alive() {
+        let server = start().await;
+        let mut conn = connect(server.addr).await;
+        for _ in 0..3 {
+            let resp = send(&mut conn, get("/bench")).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.body().as_ref(), b"ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn websocket_echoes_and_answers_whoami() {
+        let server = start().await;
+        let url = format!("ws://{}/any/path", server.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        let binary = Message::binary(vec![0u8, 255, 7]);
+        ws.send(binary.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), binary);
+        ws.send(Message::text("whoami")).await.unwrap();
+        let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+        let json: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(json["sandbox"], "sb-test");
+        ws.close(None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_listener_and_connections() {
+        let server = start().await;
+        let addr = server.addr;
+        let url = format!("ws://{addr}/");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        server.shutdown().await;
+        assert!(TcpStream::connect(addr).await.is_err());
+        // The upgraded connection is closed too, not left dangling.
+        let next = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        assert!(matches!(next, Ok(None | Some(Err(_)))));
+    }
+}
