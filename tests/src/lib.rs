@@ -2,3 +2,7 @@
 //! the demo, the end-to-end tests and the benchmarks.
 
 pub mod sandbox;
+pub mod client;
+pub mod envoy;
+pub mod gateway;
+pub mod cases;
