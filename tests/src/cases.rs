@@ -56,7 +56,10 @@ fn expect_error(r: &Response, status: u16, code: &str) -> Result<()> {
     );
     let v = r.json();
     ensure!(v["error"] == code, "want error {code}, got {v}");
-    ensure!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "message missing: {v}");
+    ensure!(
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "message missing: {v}"
+    );
     Ok(())
 }
 
@@ -70,7 +73,9 @@ where
     loop {
         match f().await {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e.context(format!("{what}: gave up"))),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: gave up")))
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -79,32 +84,60 @@ where
 pub async fn header_host_and_path_routing(start: &Starter) -> Result<()> {
     let sb = sandboxes(&["one", "two"]).await?;
     let gw = start(
-        &[RouteEntry::new("alpha", sb[0].addr), RouteEntry::new("beta", sb[1].addr)],
+        &[
+            RouteEntry::new("alpha", sb[0].addr),
+            RouteEntry::new("beta", sb[1].addr),
+        ],
         json!({}),
     )?;
     let a = gw.addr();
 
     let r = client::get(a, "/hello?x=1", &[("x-sandbox-id", "alpha")]).await?;
-    ensure!(r.status == 200 && served_by(&r) == "one", "header: {}", r.text());
+    ensure!(
+        r.status == 200 && served_by(&r) == "one",
+        "header: {}",
+        r.text()
+    );
     ensure!(r.json()["path"] == "/hello?x=1");
     // An explicit port goes to that port on the sandbox's own IP.
     let port = sb[1].addr.port().to_string();
-    let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-sandbox-port", &port)]).await?;
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-sandbox-port", &port)],
+    )
+    .await?;
     ensure!(served_by(&r) == "two", "header port: {}", r.text());
 
     let host = format!("{}-beta.sandbox.test", sb[1].addr.port());
     let r = client::get(a, "/h", &[("host", &host)]).await?;
-    ensure!(r.status == 200 && served_by(&r) == "two", "host: {}", r.text());
+    ensure!(
+        r.status == 200 && served_by(&r) == "two",
+        "host: {}",
+        r.text()
+    );
     let r = client::get(a, "/h", &[("host", "beta.sandbox.test:8080")]).await?;
     ensure!(served_by(&r) == "two", "host without port: {}", r.text());
 
     let path = format!("/sandboxes/alpha/{}/api/v1/items?q=2", sb[0].addr.port());
     let r = client::get(a, &path, &[]).await?;
-    ensure!(r.status == 200 && served_by(&r) == "one", "path: {}", r.text());
-    ensure!(r.json()["path"] == "/api/v1/items?q=2", "prefix stripped: {}", r.text());
+    ensure!(
+        r.status == 200 && served_by(&r) == "one",
+        "path: {}",
+        r.text()
+    );
+    ensure!(
+        r.json()["path"] == "/api/v1/items?q=2",
+        "prefix stripped: {}",
+        r.text()
+    );
     let path = format!("/sandboxes/alpha/{}", sb[0].addr.port());
     let r = client::get(a, &path, &[]).await?;
-    ensure!(r.json()["path"] == "/", "bare prefix becomes /: {}", r.text());
+    ensure!(
+        r.json()["path"] == "/",
+        "bare prefix becomes /: {}",
+        r.text()
+    );
 
     // The header wins over Host when both are present.
     let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("host", &host)]).await?;
@@ -124,19 +157,41 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
     )?;
     let a = gw.addr();
     expect_error(&client::get(a, "/", &[]).await?, 400, "missing_sandbox_id")?;
-    expect_error(&client::get(a, "/", &[("x-sandbox-id", "Alpha")]).await?, 400, "invalid_sandbox_id")?;
-    expect_error(&client::get(a, "/", &[("x-sandbox-id", "-x")]).await?, 400, "invalid_sandbox_id")?;
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-sandbox-port", "0")]).await?,
+        &client::get(a, "/", &[("x-sandbox-id", "Alpha")]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", "-x")]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "alpha"), ("x-sandbox-port", "0")],
+        )
+        .await?,
         400,
         "invalid_sandbox_port",
     )?;
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-sandbox-id", "beta")]).await?,
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "alpha"), ("x-sandbox-id", "beta")],
+        )
+        .await?,
         400,
         "duplicate_header",
     )?;
-    expect_error(&client::get(a, "/sandboxes/alpha/http/x", &[]).await?, 400, "invalid_sandbox_port")?;
+    expect_error(
+        &client::get(a, "/sandboxes/alpha/http/x", &[]).await?,
+        400,
+        "invalid_sandbox_port",
+    )?;
 
     let r = client::get(a, "/", &[("x-sandbox-id", "nobody")]).await?;
     expect_error(&r, 404, "sandbox_not_found")?;
@@ -144,11 +199,24 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
 
     let r = client::get(a, "/", &[("x-sandbox-id", "sleepy")]).await?;
     expect_error(&r, 503, "sandbox_not_ready")?;
-    ensure!(r.header("retry-after") == Some("7"), "Retry-After: {:?}", r.headers);
+    ensure!(
+        r.header("retry-after") == Some("7"),
+        "Retry-After: {:?}",
+        r.headers
+    );
 
-    expect_error(&client::get(a, "/", &[("x-sandbox-id", "locked")]).await?, 401, "missing_access_token")?;
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "locked"), ("x-access-token", "secreT")]).await?,
+        &client::get(a, "/", &[("x-sandbox-id", "locked")]).await?,
+        401,
+        "missing_access_token",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "locked"), ("x-access-token", "secreT")],
+        )
+        .await?,
         401,
         "invalid_access_token",
     )?;
@@ -156,17 +224,35 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
         &client::get(
             a,
             "/",
-            &[("x-sandbox-id", "locked"), ("x-access-token", "secret"), ("x-access-token", "secret")],
+            &[
+                ("x-sandbox-id", "locked"),
+                ("x-access-token", "secret"),
+                ("x-access-token", "secret"),
+            ],
         )
         .await?,
         401,
         "invalid_access_token",
     )?;
-    let r = client::get(a, "/", &[("x-sandbox-id", "locked"), ("x-access-token", "secret")]).await?;
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "locked"), ("x-access-token", "secret")],
+    )
+    .await?;
     ensure!(r.status == 200, "right token: {}", r.text());
-    ensure!(r.json()["headers"].get("x-access-token").is_none(), "token must be stripped: {}", r.text());
+    ensure!(
+        r.json()["headers"].get("x-access-token").is_none(),
+        "token must be stripped: {}",
+        r.text()
+    );
     // A token sent to a sandbox without one is stripped too: it is never forwarded anywhere.
-    let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-access-token", "secret")]).await?;
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-access-token", "secret")],
+    )
+    .await?;
     ensure!(r.json()["headers"].get("x-access-token").is_none());
     Ok(())
 }
@@ -191,23 +277,47 @@ pub async fn client_cannot_choose_the_upstream(start: &Starter) -> Result<()> {
     let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({}))?;
     let a = gw.addr();
     let v = victim_addr.to_string();
-    let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-envoy-original-dst-host", &v)]).await?;
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-envoy-original-dst-host", &v)],
+    )
+    .await?;
     ensure!(served_by(&r) == "one", "went elsewhere: {}", r.text());
     ensure!(
-        r.json()["headers"].get("x-envoy-original-dst-host").is_none(),
+        r.json()["headers"]
+            .get("x-envoy-original-dst-host")
+            .is_none(),
         "header must be removed: {}",
         r.text()
     );
-    expect_error(&client::get(a, "/", &[("x-envoy-original-dst-host", &v)]).await?, 400, "missing_sandbox_id")?;
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "ghost"), ("x-envoy-original-dst-host", &v)]).await?,
+        &client::get(a, "/", &[("x-envoy-original-dst-host", &v)]).await?,
+        400,
+        "missing_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "ghost"), ("x-envoy-original-dst-host", &v)],
+        )
+        .await?,
         404,
         "sandbox_not_found",
     )?;
     // A Host naming an address is not a sandbox host.
-    expect_error(&client::get(a, "/", &[("host", &v)]).await?, 400, "missing_sandbox_id")?;
+    expect_error(
+        &client::get(a, "/", &[("host", &v)]).await?,
+        400,
+        "missing_sandbox_id",
+    )?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    ensure!(hits.load(Ordering::SeqCst) == 0, "victim reached {} times", hits.load(Ordering::SeqCst));
+    ensure!(
+        hits.load(Ordering::SeqCst) == 0,
+        "victim reached {} times",
+        hits.load(Ordering::SeqCst)
+    );
     Ok(())
 }
 
@@ -217,13 +327,18 @@ pub async fn websocket_through_the_gateway(start: &Starter) -> Result<()> {
     let a = gw.addr();
     for (url, header) in [
         (format!("ws://{a}/socket"), true),
-        (format!("ws://{a}/sandboxes/alpha/{}/socket", sb[0].addr.port()), false),
+        (
+            format!("ws://{a}/sandboxes/alpha/{}/socket", sb[0].addr.port()),
+            false,
+        ),
     ] {
         let mut req = url.as_str().into_client_request()?;
         if header {
             req.headers_mut().insert("x-sandbox-id", "alpha".parse()?);
         }
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.context(url.clone())?;
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+            .await
+            .context(url.clone())?;
         ensure!(resp.status() == 101);
         ws.send(Message::text("whoami")).await?;
         let m = ws.next().await.context("closed")??;
@@ -266,7 +381,10 @@ pub async fn sse_streams_without_buffering(start: &Starter) -> Result<()> {
     }
     let head = String::from_utf8_lossy(&got).to_string();
     ensure!(head.contains("text/event-stream"), "{head}");
-    ensure!(!head.contains("\"seq\":1"), "second event cannot be there yet");
+    ensure!(
+        !head.contains("\"seq\":1"),
+        "second event cannot be there yet"
+    );
     // Nothing more for a while: the stream is open and idle, not finished.
     let quiet = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await;
     ensure!(quiet.is_err(), "stream should still be open and idle");
@@ -278,32 +396,64 @@ pub async fn sse_streams_without_buffering(start: &Starter) -> Result<()> {
 
 pub async fn routes_hot_reload(start: &Starter) -> Result<()> {
     let sb = sandboxes(&["one", "two"]).await?;
-    let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({"miss_hold_ms": 0}))?;
+    let gw = start(
+        &[RouteEntry::new("alpha", sb[0].addr)],
+        json!({"miss_hold_ms": 0}),
+    )?;
     let a = gw.addr();
     let who = |id: &'static str| async move {
         let r = client::get(a, "/", &[("x-sandbox-id", id)]).await?;
-        Ok::<_, anyhow::Error>(if r.status == 200 { served_by(&r) } else { r.status.to_string() })
+        Ok::<_, anyhow::Error>(if r.status == 200 {
+            served_by(&r)
+        } else {
+            r.status.to_string()
+        })
     };
     ensure!(who("alpha").await? == "one");
     // Add beta, move alpha to the second sandbox.
-    gw.set_routes(&[RouteEntry::new("alpha", sb[1].addr), RouteEntry::new("beta", sb[0].addr)])?;
-    eventually("alpha moved", || async { ensure!(who("alpha").await? == "two"); Ok(()) }).await?;
+    gw.set_routes(&[
+        RouteEntry::new("alpha", sb[1].addr),
+        RouteEntry::new("beta", sb[0].addr),
+    ])?;
+    eventually("alpha moved", || async {
+        ensure!(who("alpha").await? == "two");
+        Ok(())
+    })
+    .await?;
     ensure!(who("beta").await? == "one");
     // Remove alpha: gone at once from the gateway's point of view.
     gw.set_routes(&[RouteEntry::new("beta", sb[0].addr)])?;
-    eventually("alpha removed", || async { ensure!(who("alpha").await? == "404"); Ok(()) }).await?;
+    eventually("alpha removed", || async {
+        ensure!(who("alpha").await? == "404");
+        Ok(())
+    })
+    .await?;
     // A bad edit is ignored: beta keeps working through several poll intervals.
     gw.write_routes_raw(br#"{"sandboxes": [{"id": "BAD", "ip": "127.0.0.1", "port": 1}]}"#)?;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    ensure!(who("beta").await? == "one", "bad edit must not change routing");
+    ensure!(
+        who("beta").await? == "one",
+        "bad edit must not change routing"
+    );
     gw.write_routes_raw(b"{ not json")?;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    ensure!(who("beta").await? == "one", "bad edit must not change routing");
+    ensure!(
+        who("beta").await? == "one",
+        "bad edit must not change routing"
+    );
     // A valid empty file removes everything.
     gw.set_routes(&[])?;
-    eventually("all removed", || async { ensure!(who("beta").await? == "404"); Ok(()) }).await?;
+    eventually("all removed", || async {
+        ensure!(who("beta").await? == "404");
+        Ok(())
+    })
+    .await?;
     gw.set_routes(&[RouteEntry::new("beta", sb[0].addr)])?;
-    eventually("beta back", || async { ensure!(who("beta").await? == "one"); Ok(()) }).await?;
+    eventually("beta back", || async {
+        ensure!(who("beta").await? == "one");
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -312,15 +462,22 @@ pub async fn miss_hold_waits_for_a_late_route(start: &Starter) -> Result<()> {
     let sb = sandboxes(&["late"]).await?;
     let gw = start(&[], json!({"miss_hold_ms": 5000}))?;
     let a = gw.addr();
-    let pending = tokio::spawn(async move { client::get(a, "/", &[("x-sandbox-id", "fresh")]).await });
+    let pending =
+        tokio::spawn(async move { client::get(a, "/", &[("x-sandbox-id", "fresh")]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     gw.set_routes(&[RouteEntry::new("fresh", sb[0].addr)])?;
     let r = pending.await??;
-    ensure!(r.status == 200 && served_by(&r) == "late", "held request: {} {}", r.status, r.text());
+    ensure!(
+        r.status == 200 && served_by(&r) == "late",
+        "held request: {} {}",
+        r.status,
+        r.text()
+    );
 
     // A client that gives up during the hold leaves nothing broken behind.
     let mut s = tokio::net::TcpStream::connect(a).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nhost: g\r\nx-sandbox-id: never\r\n\r\n").await?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: g\r\nx-sandbox-id: never\r\n\r\n")
+        .await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(s);
     let r = client::get(a, "/", &[("x-sandbox-id", "fresh")]).await?;
@@ -333,14 +490,32 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
     let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({}))?;
     let a = gw.addr();
     let long_id = "a".repeat(8000);
-    expect_error(&client::get(a, "/", &[("x-sandbox-id", &long_id)]).await?, 400, "invalid_sandbox_id")?;
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", &long_id)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
     let huge = "b".repeat(50_000);
-    expect_error(&client::get(a, "/", &[("x-sandbox-id", &huge)]).await?, 400, "invalid_sandbox_id")?;
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", &huge)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
     let long_host = format!("{}.sandbox.test", "c".repeat(10_000));
-    expect_error(&client::get(a, "/", &[("host", &long_host)]).await?, 400, "invalid_sandbox_id")?;
+    expect_error(
+        &client::get(a, "/", &[("host", &long_host)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
     let long_host = format!("80-{}.sandbox.test", "c".repeat(10_000));
-    expect_error(&client::get(a, "/", &[("host", &long_host)]).await?, 400, "invalid_sandbox_id")?;
-    for id in ["ALPHA", "alphA", "älpha", "al pha", "al.pha", "al/pha", "%61lpha"] {
+    expect_error(
+        &client::get(a, "/", &[("host", &long_host)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    for id in [
+        "ALPHA", "alphA", "älpha", "al pha", "al.pha", "al/pha", "%61lpha",
+    ] {
         let r = client::get(a, "/", &[("x-sandbox-id", id)]).await?;
         expect_error(&r, 400, "invalid_sandbox_id").context(id.to_string())?;
     }
@@ -359,7 +534,10 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
     // Over Envoy's own header limit (60 KiB) Envoy answers before any filter runs.
     let too_big = "d".repeat(70_000);
     let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-pad", &too_big)]).await;
-    ensure!(r.map(|r| r.status == 431).unwrap_or(true), "oversized headers must not be routed");
+    ensure!(
+        r.map(|r| r.status == 431).unwrap_or(true),
+        "oversized headers must not be routed"
+    );
     // Still up and routing.
     let r = client::get(a, "/", &[("x-sandbox-id", "alpha")]).await?;
     ensure!(r.status == 200 && served_by(&r) == "one");

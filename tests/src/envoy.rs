@@ -40,7 +40,10 @@ pub fn envoy_bin() -> Result<PathBuf> {
 fn wheel_binary(launcher: &Path) -> Option<PathBuf> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(launcher).ok()?.read_exact(&mut magic).ok()?;
+    std::fs::File::open(launcher)
+        .ok()?
+        .read_exact(&mut magic)
+        .ok()?;
     if &magic == b"\x7fELF" {
         return None;
     }
@@ -74,13 +77,16 @@ pub fn render(template: &str, vars: &[(&str, String)]) -> Result<String> {
         out = out.replace(&format!("@{k}@"), v);
     }
     // Placeholders are upper-case words between '@'; YAML's "@type" is lower-case.
-    if let Some(i) = out.find(|c: char| c == '@').filter(|&i| {
+    if let Some(i) = out.find('@').filter(|&i| {
         out[i + 1..]
             .chars()
             .next()
             .is_some_and(|c| c.is_ascii_uppercase())
     }) {
-        bail!("unfilled placeholder near {:?}", &out[i..(i + 20).min(out.len())]);
+        bail!(
+            "unfilled placeholder near {:?}",
+            &out[i..(i + 20).min(out.len())]
+        );
     }
     Ok(out)
 }
@@ -158,11 +164,17 @@ impl Envoy {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
-                return Ok((status, std::fs::read_to_string(&log_path).unwrap_or_default()));
+                return Ok((
+                    status,
+                    std::fs::read_to_string(&log_path).unwrap_or_default(),
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("Envoy kept running with a config it should refuse; log:\n{}", tail(&log_path));
+                bail!(
+                    "Envoy kept running with a config it should refuse; log:\n{}",
+                    tail(&log_path)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -184,9 +196,13 @@ impl Envoy {
     /// A stat value from the admin API (`None` if absent).
     pub fn stat(&self, name: &str) -> Result<Option<u64>> {
         let body = admin_get(self.admin, &format!("/stats?filter=^{}$", name))?;
-        Ok(body
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok()))
+        Ok(body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        }))
     }
 
     /// Polls a stat until `pred` holds (stats are published on a ~1 s tick).
@@ -254,7 +270,10 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
     Ok(crate::client::parse(&out)?.text())

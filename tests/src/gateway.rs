@@ -45,7 +45,10 @@ pub fn write_routes(path: &Path, routes: &[RouteEntry]) -> Result<()> {
         })
         .collect();
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&json!({"sandboxes": sandboxes}))?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&json!({"sandboxes": sandboxes}))?,
+    )?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
@@ -102,7 +105,6 @@ impl FilterGateway {
             _dir: dir,
         })
     }
-
 }
 
 impl crate::cases::GatewayUnderTest for FilterGateway {

@@ -1,8 +1,8 @@
 //! Test support for sandbox-gateway: a local "sandbox" upstream server used by
 //! the demo, the end-to-end tests and the benchmarks.
 
-pub mod sandbox;
+pub mod cases;
 pub mod client;
 pub mod envoy;
 pub mod gateway;
-pub mod cases;
+pub mod sandbox;

