@@ -51,6 +51,7 @@ PY
   callgrind_control -d "$pid" > /dev/null
   sleep 1
   local ir; ir=$(cat "$out".* | awk '/^summary:|^totals:/ {s += $2} END {print s}')
+  [ -n "${KEEP_CALLGRIND:-}" ] && cp "$out".* "$KEEP_CALLGRIND/" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
   [ "$1" = module ] && callgrind_annotate "$out".* 2>/dev/null | grep -E "sandbox_gateway|routing|moka" | head -15 > "$work/module_top.txt" || true
   echo "$ir"

@@ -1,7 +1,7 @@
 //! The per-request HTTP filter: find the sandbox a request is for and send it there, or answer
 //! with a JSON error. Only safe handles here; the request-path rules are DESIGN.md's.
 
-use crate::ffi::{Header, Stream};
+use crate::ffi::{Header, RequestHeaders, Stream};
 use crate::gateway::Gateway;
 use crate::reply::Reply;
 use arrayvec::ArrayString;
@@ -29,24 +29,57 @@ pub enum HeadersStatus {
     Replied,
 }
 
-impl RequestView for Stream<'_> {
+impl RequestView for RequestHeaders<'_> {
     fn header(&self, name: &str) -> Result<Option<&[u8]>, KeyError> {
-        match self.request_header(name) {
+        match self.get(name) {
             Header::Absent => Ok(None),
             Header::One(v) => Ok(Some(v)),
             Header::Many => Err(KeyError::DuplicateHeader),
         }
     }
     fn authority(&self) -> Option<&[u8]> {
-        match self.request_header(":authority") {
+        match self.get(":authority") {
             Header::One(v) => Some(v),
             _ => None,
         }
     }
     fn path(&self) -> Option<&[u8]> {
-        match self.request_header(":path") {
+        match self.get(":path") {
             Header::One(v) => Some(v),
             _ => None,
+        }
+    }
+}
+
+/// What to do with a request, decided from one header snapshot before anything is changed.
+enum Plan {
+    Reply {
+        status: u32,
+        code: &'static str,
+        message: String,
+        id: Option<SandboxId>,
+        retry_after_secs: Option<u32>,
+    },
+    Hold(SandboxId),
+    Forward {
+        route: Arc<Route>,
+        port: Option<u16>,
+        new_path: Option<Vec<u8>>,
+        strip_original_dst: bool,
+        strip_token: bool,
+    },
+}
+
+type SandboxId = ArrayString<MAX_ID_LEN>;
+
+impl Plan {
+    fn reply(status: u32, code: &'static str, message: &str, id: SandboxId) -> Plan {
+        Plan::Reply {
+            status,
+            code,
+            message: message.into(),
+            id: Some(id),
+            retry_after_secs: None,
         }
     }
 }
@@ -70,11 +103,10 @@ impl SandboxFilter {
     }
 
     pub fn on_request_headers(&mut self, s: &mut Stream<'_>) -> HeadersStatus {
-        s.remove_request_header(ORIGINAL_DST_HEADER);
         self.route(s, false)
     }
 
-    /// Data in either direction (and response headers): throttled activity.
+    /// Data in either direction: throttled activity.
     #[inline]
     pub fn on_data(&mut self) {
         if let Some(route) = &self.route {
@@ -105,84 +137,66 @@ impl SandboxFilter {
     }
 
     fn route(&mut self, s: &mut Stream<'_>, after_hold: bool) -> HeadersStatus {
+        let plan = plan(self.gw, &s.request_headers(), after_hold);
+        match plan {
+            Plan::Reply {
+                status,
+                code,
+                message,
+                id,
+                retry_after_secs,
+            } => self.send(
+                s,
+                Reply {
+                    status,
+                    code,
+                    message: &message,
+                    sandbox_id: id.as_deref(),
+                    retry_after_secs,
+                },
+            ),
+            Plan::Hold(id) => self.hold(s, id),
+            Plan::Forward {
+                route,
+                port,
+                new_path,
+                strip_original_dst,
+                strip_token,
+            } => self.forward(s, route, port, new_path, strip_original_dst, strip_token),
+        }
+    }
+
+    fn forward(
+        &mut self,
+        s: &mut Stream<'_>,
+        route: Arc<Route>,
+        port: Option<u16>,
+        new_path: Option<Vec<u8>>,
+        strip_original_dst: bool,
+        strip_token: bool,
+    ) -> HeadersStatus {
         let gw = self.gw;
-        // Copy what we need out of Envoy's buffers before changing any header.
-        let (id, port, new_path) = match extract(&gw.cfg.keys, &*s) {
-            Ok(k) => {
-                let mut id = ArrayString::<MAX_ID_LEN>::new();
-                if id.try_push_str(k.id).is_err() {
-                    return self.key_error(s, KeyError::InvalidId);
-                }
-                (id, k.port, k.rewritten_path.map(|p| p.to_path()))
-            }
-            Err(e) => return self.key_error(s, e),
-        };
-        let Some(route) = gw.table.get(&id) else {
-            if !after_hold && !gw.cfg.miss_hold.is_zero() {
-                if let Some(scheduler) = s.scheduler() {
-                    s.increment_counter(gw.metrics.miss_holds, None, 1);
-                    self.hold_started = Some(Instant::now());
-                    let table = Arc::clone(&gw.table);
-                    let (hold, id) = (gw.cfg.miss_hold, id.to_string());
-                    // The task owns the scheduler: it makes the only commit, then frees it.
-                    gw.spawn(async move {
-                        table.wait_for(&id, hold).await;
-                        scheduler.commit(EVENT_HOLD_DONE);
-                    });
-                    return HeadersStatus::Stop;
-                }
-            }
-            return self.reply(
-                s,
-                404,
-                "sandbox_not_found",
-                "no sandbox with this id is routable",
-                &id,
-                None,
-            );
-        };
-        if !route.spec.ready {
-            let retry = Some(gw.cfg.retry_after_secs);
-            return self.reply(
-                s,
-                503,
-                "sandbox_not_ready",
-                "the sandbox is not ready yet",
-                &id,
-                retry,
-            );
+        if strip_original_dst {
+            s.remove_request_header(ORIGINAL_DST_HEADER);
         }
-        if let Some(expected) = &route.spec.token_sha256 {
-            let verdict = match s.request_header(&gw.cfg.access_token_header) {
-                Header::One(t) if token_matches(t, expected) => None,
-                Header::Absent => {
-                    Some(("missing_access_token", "this sandbox needs an access token"))
-                }
-                _ => Some((
-                    "invalid_access_token",
-                    "the access token is not valid for this sandbox",
-                )),
-            };
-            if let Some((code, msg)) = verdict {
-                return self.reply(s, 401, code, msg, &id, None);
-            }
+        if strip_token {
+            // The token is for the gateway; a sandbox never sees it (nor one meant for another).
+            s.remove_request_header(&gw.cfg.access_token_header);
         }
-        // The token is for the gateway; a sandbox never sees it (nor one meant for another).
-        s.remove_request_header(&gw.cfg.access_token_header);
         if let Some(p) = new_path {
             s.set_request_header(":path", &p);
             s.clear_route_cache();
         }
         let mut buf = TargetBuf::new();
         if !s.set_filter_state_typed(ORIGINAL_DST_KEY, route.target(port, &mut buf)) {
-            return self.reply(
-                s,
-                500,
-                "routing_failed",
-                "Envoy rejected the upstream address",
-                &id,
-                None,
-            );
+            let r = Reply {
+                status: 500,
+                code: "routing_failed",
+                message: "Envoy rejected the upstream address",
+                sandbox_id: Some(&route.spec.id),
+                retry_after_secs: None,
+            };
+            return self.send(s, r);
         }
         let now = now_ms();
         route.activity.touch(now);
@@ -192,39 +206,30 @@ impl SandboxFilter {
         HeadersStatus::Continue
     }
 
-    fn key_error(&mut self, s: &mut Stream<'_>, e: KeyError) -> HeadersStatus {
-        let msg = e.to_string();
-        self.send(
-            s,
-            Reply {
-                status: 400,
-                code: e.code(),
-                message: &msg,
-                sandbox_id: None,
-                retry_after_secs: None,
-            },
-        )
-    }
-
-    fn reply(
-        &mut self,
-        s: &mut Stream<'_>,
-        status: u32,
-        code: &'static str,
-        message: &str,
-        id: &str,
-        retry_after_secs: Option<u32>,
-    ) -> HeadersStatus {
-        self.send(
-            s,
-            Reply {
-                status,
-                code,
-                message,
-                sandbox_id: Some(id),
-                retry_after_secs,
-            },
-        )
+    fn hold(&mut self, s: &mut Stream<'_>, id: SandboxId) -> HeadersStatus {
+        let gw = self.gw;
+        let Some(scheduler) = s.scheduler() else {
+            return self.send(
+                s,
+                Reply {
+                    status: 404,
+                    code: "sandbox_not_found",
+                    message: NOT_FOUND,
+                    sandbox_id: Some(&id),
+                    retry_after_secs: None,
+                },
+            );
+        };
+        s.increment_counter(gw.metrics.miss_holds, None, 1);
+        self.hold_started = Some(Instant::now());
+        let table = Arc::clone(&gw.table);
+        let hold = gw.cfg.miss_hold;
+        // The task owns the scheduler: it makes the only commit, then frees it.
+        gw.spawn(async move {
+            table.wait_for(&id, hold).await;
+            scheduler.commit(EVENT_HOLD_DONE);
+        });
+        HeadersStatus::Stop
     }
 
     fn send(&mut self, s: &mut Stream<'_>, r: Reply<'_>) -> HeadersStatus {
@@ -237,5 +242,77 @@ impl SandboxFilter {
         );
         r.send(s);
         HeadersStatus::Replied
+    }
+}
+
+const NOT_FOUND: &str = "no sandbox with this id is routable";
+
+/// The request-path rules (DESIGN.md), read-only: key, route, readiness, token.
+fn plan(gw: &Gateway, h: &RequestHeaders<'_>, after_hold: bool) -> Plan {
+    let key = match extract(&gw.cfg.keys, h) {
+        Ok(k) => k,
+        Err(e) => {
+            return Plan::Reply {
+                status: 400,
+                code: e.code(),
+                message: e.to_string(),
+                id: None,
+                retry_after_secs: None,
+            }
+        }
+    };
+    let mut id = SandboxId::new();
+    if id.try_push_str(key.id).is_err() {
+        return Plan::Reply {
+            status: 400,
+            code: KeyError::InvalidId.code(),
+            message: KeyError::InvalidId.to_string(),
+            id: None,
+            retry_after_secs: None,
+        };
+    }
+    let Some(route) = gw.table.get(&id) else {
+        if !after_hold && !gw.cfg.miss_hold.is_zero() {
+            return Plan::Hold(id);
+        }
+        return Plan::reply(404, "sandbox_not_found", NOT_FOUND, id);
+    };
+    if !route.spec.ready {
+        return Plan::Reply {
+            status: 503,
+            code: "sandbox_not_ready",
+            message: "the sandbox is not ready yet".into(),
+            id: Some(id),
+            retry_after_secs: Some(gw.cfg.retry_after_secs),
+        };
+    }
+    let token = h.get(&gw.cfg.access_token_header);
+    if let Some(expected) = &route.spec.token_sha256 {
+        match token {
+            Header::One(t) if token_matches(t, expected) => {}
+            Header::Absent => {
+                return Plan::reply(
+                    401,
+                    "missing_access_token",
+                    "this sandbox needs an access token",
+                    id,
+                )
+            }
+            _ => {
+                return Plan::reply(
+                    401,
+                    "invalid_access_token",
+                    "the access token is not valid for this sandbox",
+                    id,
+                )
+            }
+        }
+    }
+    Plan::Forward {
+        port: key.port,
+        new_path: key.rewritten_path.map(|p| p.to_path()),
+        strip_original_dst: h.get(ORIGINAL_DST_HEADER) != Header::Absent,
+        strip_token: token != Header::Absent,
+        route,
     }
 }

@@ -62,7 +62,7 @@ impl Route {
 
 /// The shared route table.
 pub struct RouteTable {
-    routes: moka::sync::Cache<Arc<str>, Arc<Route>>,
+    routes: moka::sync::Cache<Arc<str>, Arc<Route>, ahash::RandomState>,
     activity: ActivityTracker,
     changed: Notify,
 }
@@ -78,7 +78,7 @@ impl RouteTable {
         RouteTable {
             // Unbounded on purpose: evicting a live route would turn into false 404s. Size is
             // bounded by the route source (one entry per sandbox).
-            routes: moka::sync::Cache::builder().build(),
+            routes: moka::sync::Cache::builder().build_with_hasher(ahash::RandomState::new()),
             activity: ActivityTracker::default(),
             changed: Notify::new(),
         }

@@ -72,6 +72,7 @@ pub type stream_reset_reason = u32;
 
 /// `envoy_dynamic_module_type_envoy_http_header`.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct envoy_http_header {
     pub key_ptr: *const c_char,
     pub key_length: usize,
@@ -87,6 +88,18 @@ extern "C" {
         result: *mut envoy_buffer,
         index: usize,
         optional_size: *mut usize,
+    ) -> bool;
+
+    pub fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter: filter_envoy_ptr,
+        header_type: header_type,
+    ) -> usize;
+
+    /// Fills `result` (sized by get_headers_size) with every header, pseudo-headers included.
+    pub fn envoy_dynamic_module_callback_http_get_headers(
+        filter: filter_envoy_ptr,
+        header_type: header_type,
+        result: *mut envoy_http_header,
     ) -> bool;
 
     /// A `{NULL, 0}` value removes the header.

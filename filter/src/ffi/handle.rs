@@ -29,6 +29,62 @@ pub enum Header<'a> {
     Many,
 }
 
+const INLINE_HEADERS: usize = 32;
+const EMPTY_HEADER: abi::envoy_http_header = abi::envoy_http_header {
+    key_ptr: std::ptr::null(),
+    key_length: 0,
+    value_ptr: std::ptr::null(),
+    value_length: 0,
+};
+
+/// A snapshot of the request headers, borrowed from the stream: the values are Envoy's buffers,
+/// valid until the header map changes, which needs `&mut Stream` and so ends this borrow.
+pub struct RequestHeaders<'s> {
+    inline: [abi::envoy_http_header; INLINE_HEADERS],
+    spill: Vec<abi::envoy_http_header>,
+    len: usize,
+    _stream: PhantomData<&'s Stream<'s>>,
+}
+
+/// # Safety
+/// `ptr`/`len` must describe memory that lives for `'a`.
+unsafe fn bytes<'a>(ptr: *const c_char, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+    }
+}
+
+impl RequestHeaders<'_> {
+    fn entries(&self) -> &[abi::envoy_http_header] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill[..self.len]
+        }
+    }
+
+    /// The value of `name` (lowercase, as Envoy stores names), or `Many` if sent repeatedly.
+    pub fn get(&self, name: &str) -> Header<'_> {
+        let mut found = Header::Absent;
+        for h in self.entries() {
+            // SAFETY: Envoy's header buffers live until the map changes, which cannot happen
+            // while this snapshot borrows the stream.
+            let key = unsafe { bytes(h.key_ptr, h.key_length) };
+            if key == name.as_bytes() {
+                if found != Header::Absent {
+                    return Header::Many;
+                }
+                // SAFETY: as above.
+                found = Header::One(unsafe { bytes(h.value_ptr, h.value_length) });
+            }
+        }
+        found
+    }
+}
+
 /// One HTTP stream, for the duration of one hook.
 pub struct Stream<'h> {
     raw: abi::filter_envoy_ptr,
@@ -45,38 +101,6 @@ impl Stream<'_> {
         }
     }
 
-    pub fn request_header(&self, name: &str) -> Header<'_> {
-        let mut out = abi::envoy_buffer {
-            ptr: std::ptr::null(),
-            length: 0,
-        };
-        let mut count = 0usize;
-        // SAFETY: `raw` is live for this hook; `name` outlives the call; `out`/`count` are valid
-        // out-pointers.
-        let found = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_header(
-                self.raw,
-                abi::HEADER_TYPE_REQUEST,
-                mbuf(name.as_bytes()),
-                &mut out,
-                0,
-                &mut count,
-            )
-        };
-        if !found {
-            return Header::Absent;
-        }
-        if count > 1 {
-            return Header::Many;
-        }
-        if out.ptr.is_null() || out.length == 0 {
-            return Header::One(&[]);
-        }
-        // SAFETY: Envoy keeps the value alive until the hook returns or the map is modified; the
-        // returned slice borrows `self`, and every mutator takes `&mut self`.
-        Header::One(unsafe { std::slice::from_raw_parts(out.ptr as *const u8, out.length) })
-    }
-
     pub fn set_request_header(&mut self, name: &str, value: &[u8]) -> bool {
         if value.is_empty() {
             // An empty value means "remove" to Envoy; never do that by accident.
@@ -91,6 +115,46 @@ impl Stream<'_> {
                 mbuf(value),
             )
         }
+    }
+
+    /// All request headers in one call. Envoy's per-name lookup costs ~540 instructions for a
+    /// present header and ~1,900 for an absent one (callgrind); the request path asks about
+    /// several mostly-absent headers, so one snapshot scanned in Rust is far cheaper.
+    pub fn request_headers(&self) -> RequestHeaders<'_> {
+        // SAFETY: `raw` is live for this hook.
+        let n = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_headers_size(
+                self.raw,
+                abi::HEADER_TYPE_REQUEST,
+            )
+        };
+        let mut snap = RequestHeaders {
+            inline: [EMPTY_HEADER; INLINE_HEADERS],
+            spill: Vec::new(),
+            len: 0,
+            _stream: PhantomData,
+        };
+        let dst = if n <= INLINE_HEADERS {
+            snap.inline.as_mut_ptr()
+        } else {
+            // Rare (more than 32 headers): one allocation rather than a wrong answer.
+            snap.spill = vec![EMPTY_HEADER; n];
+            snap.spill.as_mut_ptr()
+        };
+        // SAFETY: `dst` has room for the `n` entries Envoy reported for this same map, and nothing
+        // changes the map between the two calls (we hold `&self` on the worker thread).
+        if n > 0
+            && unsafe {
+                abi::envoy_dynamic_module_callback_http_get_headers(
+                    self.raw,
+                    abi::HEADER_TYPE_REQUEST,
+                    dst,
+                )
+            }
+        {
+            snap.len = n;
+        }
+        snap
     }
 
     pub fn remove_request_header(&mut self, name: &str) {

@@ -166,14 +166,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _envoy: abi::filter_envoy_ptr,
-    filter_ptr: abi::filter_module_ptr,
+    _filter_ptr: abi::filter_module_ptr,
     _end_of_stream: bool,
 ) -> abi::headers_status {
-    guard("response_headers", abi::HEADERS_CONTINUE, || {
-        // SAFETY: `filter_ptr` is this stream's filter.
-        unsafe { filter(filter_ptr) }.on_data();
-        abi::HEADERS_CONTINUE
-    })
+    // The request start already marked the sandbox active; response data is tracked below.
+    abi::HEADERS_CONTINUE
 }
 
 #[no_mangle]

@@ -5,4 +5,4 @@ mod abi;
 pub mod handle;
 mod hooks;
 
-pub use handle::{FilterConfigHandle, Header, MetricId, Stream};
+pub use handle::{FilterConfigHandle, Header, MetricId, RequestHeaders, Stream};
