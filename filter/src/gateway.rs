@@ -6,8 +6,7 @@
 
 use crate::ffi::handle::ConfigScheduler;
 use crate::ffi::{FilterConfigHandle, MetricId};
-use routing::config::RouteSourceConfig;
-use routing::file_source::{FileSource, SourceStats};
+use routing::file_source::SourceStats;
 use routing::{GatewayConfig, RouteTable};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +28,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] routing::ConfigError),
     #[error(transparent)]
-    Routes(#[from] routing::file_source::RouteFileError),
+    Routes(#[from] routing::source::SourceError),
     #[error(transparent)]
     Metric(#[from] crate::ffi::handle::MetricError),
     #[error("starting the background runtime: {0}")]
@@ -88,18 +87,18 @@ impl Gateway {
         let metrics = Metrics::define(&handle)?;
         let table = Arc::new(RouteTable::new());
         let source_stats = Arc::new(SourceStats::default());
-        let RouteSourceConfig::File {
-            path,
-            poll_interval,
-        } = &cfg.routes;
-        let source = FileSource::open(path.clone(), Arc::clone(&table), Arc::clone(&source_stats))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("sandbox-gateway")
             .enable_all()
             .build()
             .map_err(GatewayError::Runtime)?;
-        runtime.spawn(source.run(*poll_interval, std::future::pending()));
+        routing::source::start(
+            &cfg.routes,
+            Arc::clone(&table),
+            Arc::clone(&source_stats),
+            runtime.handle(),
+        )?;
         let stats_scheduler = handle.scheduler().map(Arc::new);
         if let Some(s) = &stats_scheduler {
             let s = Arc::clone(s);

@@ -275,6 +275,16 @@ fn plan(gw: &Gateway, h: &RequestHeaders<'_>, after_hold: bool) -> Plan {
         if !after_hold && !gw.cfg.miss_hold.is_zero() {
             return Plan::Hold(id);
         }
+        if !gw.table.is_synced() {
+            // Before the first full view a miss proves nothing: ask the client to retry.
+            return Plan::Reply {
+                status: 503,
+                code: "routes_not_synced",
+                message: "the gateway has not loaded its routes yet".into(),
+                id: Some(id),
+                retry_after_secs: Some(gw.cfg.retry_after_secs),
+            };
+        }
         return Plan::reply(404, "sandbox_not_found", NOT_FOUND, id);
     };
     if !route.spec.ready {

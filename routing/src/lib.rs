@@ -7,6 +7,7 @@ pub mod activity;
 pub mod config;
 pub mod file_source;
 pub mod key;
+pub mod source;
 pub mod table;
 pub mod token;
 

@@ -8,6 +8,7 @@
 use crate::activity::{ActivityCell, ActivityTracker};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -65,6 +66,9 @@ pub struct RouteTable {
     routes: moka::sync::Cache<Arc<str>, Arc<Route>, ahash::RandomState>,
     activity: ActivityTracker,
     changed: Notify,
+    /// Set once the source has applied its first complete view. Before that a miss means "don't
+    /// know yet", not "no such sandbox".
+    synced: AtomicBool,
 }
 
 impl Default for RouteTable {
@@ -81,7 +85,18 @@ impl RouteTable {
             routes: moka::sync::Cache::builder().build_with_hasher(ahash::RandomState::new()),
             activity: ActivityTracker::default(),
             changed: Notify::new(),
+            synced: AtomicBool::new(false),
         }
+    }
+
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    #[inline]
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
     }
 
     #[inline]

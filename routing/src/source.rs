@@ -1,0 +1,35 @@
+//! Route sources behind one entry point, so the Envoy module and sandbox-extproc start them the
+//! same way: `start` validates what can be validated up front (fail closed at config load) and
+//! runs the rest on the caller's tokio runtime.
+
+use crate::config::RouteSourceConfig;
+use crate::file_source::{FileSource, RouteFileError, SourceStats};
+use crate::table::RouteTable;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    File(#[from] RouteFileError),
+}
+
+/// Starts the configured source feeding `table`. A file source loads synchronously (a missing or
+/// invalid file is an error); the table is marked synced once the first full view is applied.
+pub fn start(
+    cfg: &RouteSourceConfig,
+    table: Arc<RouteTable>,
+    stats: Arc<SourceStats>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), SourceError> {
+    match cfg {
+        RouteSourceConfig::File {
+            path,
+            poll_interval,
+        } => {
+            let source = FileSource::open(path.clone(), Arc::clone(&table), stats)?;
+            table.mark_synced();
+            rt.spawn(source.run(*poll_interval, std::future::pending()));
+        }
+    }
+    Ok(())
+}
