@@ -4,19 +4,16 @@
 use crate::ffi::{Header, RequestHeaders, Stream};
 use crate::gateway::Gateway;
 use crate::reply::Reply;
-use arrayvec::ArrayString;
 use routing::activity::{now_ms, StreamThrottle};
-use routing::key::{KeyError, MAX_ID_LEN};
-use routing::token::token_matches;
-use routing::{extract, RequestView, Route, TargetBuf};
+use routing::decide::ORIGINAL_DST_HEADER;
+use routing::decide::{decide, Decision, ErrorReply, Forward, SandboxId, NOT_FOUND};
+use routing::key::KeyError;
+use routing::{RequestView, Route, TargetBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Envoy's ORIGINAL_DST filter-state key; its factory parses `ip:port`.
 const ORIGINAL_DST_KEY: &str = "envoy.network.transport_socket.original_dst_address";
-/// The header an ORIGINAL_DST cluster with `use_http_header: true` would obey. Ours does not,
-/// and we drop it anyway so no later hop can be steered by a client-sent value.
-const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 const EVENT_HOLD_DONE: u64 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,39 +44,6 @@ impl RequestView for RequestHeaders<'_> {
         match self.get(":path") {
             Header::One(v) => Some(v),
             _ => None,
-        }
-    }
-}
-
-/// What to do with a request, decided from one header snapshot before anything is changed.
-enum Plan {
-    Reply {
-        status: u32,
-        code: &'static str,
-        message: String,
-        id: Option<SandboxId>,
-        retry_after_secs: Option<u32>,
-    },
-    Hold(SandboxId),
-    Forward {
-        route: Arc<Route>,
-        port: Option<u16>,
-        new_path: Option<Vec<u8>>,
-        strip_original_dst: bool,
-        strip_token: bool,
-    },
-}
-
-type SandboxId = ArrayString<MAX_ID_LEN>;
-
-impl Plan {
-    fn reply(status: u32, code: &'static str, message: &str, id: SandboxId) -> Plan {
-        Plan::Reply {
-            status,
-            code,
-            message: message.into(),
-            id: Some(id),
-            retry_after_secs: None,
         }
     }
 }
@@ -137,15 +101,16 @@ impl SandboxFilter {
     }
 
     fn route(&mut self, s: &mut Stream<'_>, after_hold: bool) -> HeadersStatus {
-        let plan = plan(self.gw, &s.request_headers(), after_hold);
-        match plan {
-            Plan::Reply {
+        let gw = self.gw;
+        // The request-path rules live in `routing::decide`, shared with sandbox-extproc.
+        match decide(&gw.cfg, &gw.table, &s.request_headers(), after_hold) {
+            Decision::Reply(ErrorReply {
                 status,
                 code,
                 message,
                 id,
                 retry_after_secs,
-            } => self.send(
+            }) => self.send(
                 s,
                 Reply {
                     status,
@@ -155,27 +120,20 @@ impl SandboxFilter {
                     retry_after_secs,
                 },
             ),
-            Plan::Hold(id) => self.hold(s, id),
-            Plan::Forward {
-                route,
-                port,
-                new_path,
-                strip_original_dst,
-                strip_token,
-            } => self.forward(s, route, port, new_path, strip_original_dst, strip_token),
+            Decision::Hold(id) => self.hold(s, id),
+            Decision::Forward(f) => self.forward(s, f),
         }
     }
 
-    fn forward(
-        &mut self,
-        s: &mut Stream<'_>,
-        route: Arc<Route>,
-        port: Option<u16>,
-        new_path: Option<Vec<u8>>,
-        strip_original_dst: bool,
-        strip_token: bool,
-    ) -> HeadersStatus {
+    fn forward(&mut self, s: &mut Stream<'_>, f: Forward) -> HeadersStatus {
         let gw = self.gw;
+        let Forward {
+            route,
+            port,
+            new_path,
+            strip_original_dst,
+            strip_token,
+        } = f;
         if strip_original_dst {
             s.remove_request_header(ORIGINAL_DST_HEADER);
         }
@@ -242,87 +200,5 @@ impl SandboxFilter {
         );
         r.send(s);
         HeadersStatus::Replied
-    }
-}
-
-const NOT_FOUND: &str = "no sandbox with this id is routable";
-
-/// The request-path rules (DESIGN.md), read-only: key, route, readiness, token.
-fn plan(gw: &Gateway, h: &RequestHeaders<'_>, after_hold: bool) -> Plan {
-    let key = match extract(&gw.cfg.keys, h) {
-        Ok(k) => k,
-        Err(e) => {
-            return Plan::Reply {
-                status: 400,
-                code: e.code(),
-                message: e.to_string(),
-                id: None,
-                retry_after_secs: None,
-            }
-        }
-    };
-    let mut id = SandboxId::new();
-    if id.try_push_str(key.id).is_err() {
-        return Plan::Reply {
-            status: 400,
-            code: KeyError::InvalidId.code(),
-            message: KeyError::InvalidId.to_string(),
-            id: None,
-            retry_after_secs: None,
-        };
-    }
-    let Some(route) = gw.table.get(&id) else {
-        if !after_hold && !gw.cfg.miss_hold.is_zero() {
-            return Plan::Hold(id);
-        }
-        if !gw.table.is_synced() {
-            // Before the first full view a miss proves nothing: ask the client to retry.
-            return Plan::Reply {
-                status: 503,
-                code: "routes_not_synced",
-                message: "the gateway has not loaded its routes yet".into(),
-                id: Some(id),
-                retry_after_secs: Some(gw.cfg.retry_after_secs),
-            };
-        }
-        return Plan::reply(404, "sandbox_not_found", NOT_FOUND, id);
-    };
-    if !route.spec.ready {
-        return Plan::Reply {
-            status: 503,
-            code: "sandbox_not_ready",
-            message: "the sandbox is not ready yet".into(),
-            id: Some(id),
-            retry_after_secs: Some(gw.cfg.retry_after_secs),
-        };
-    }
-    let token = h.get(&gw.cfg.access_token_header);
-    if let Some(expected) = &route.spec.token_sha256 {
-        match token {
-            Header::One(t) if token_matches(t, expected) => {}
-            Header::Absent => {
-                return Plan::reply(
-                    401,
-                    "missing_access_token",
-                    "this sandbox needs an access token",
-                    id,
-                )
-            }
-            _ => {
-                return Plan::reply(
-                    401,
-                    "invalid_access_token",
-                    "the access token is not valid for this sandbox",
-                    id,
-                )
-            }
-        }
-    }
-    Plan::Forward {
-        port: key.port,
-        new_path: key.rewritten_path.map(|p| p.to_path()),
-        strip_original_dst: h.get(ORIGINAL_DST_HEADER) != Header::Absent,
-        strip_token: token != Header::Absent,
-        route,
     }
 }

@@ -12,12 +12,9 @@ pub struct Reply<'a> {
 }
 
 impl Reply<'_> {
+    /// Same body as sandbox-extproc's replies (`routing::decide::error_body`).
     pub fn body(&self) -> String {
-        let mut v = serde_json::json!({"error": self.code, "message": self.message});
-        if let Some(id) = self.sandbox_id {
-            v["sandbox_id"] = id.into();
-        }
-        v.to_string()
+        routing::decide::error_body(self.code, self.message, self.sandbox_id)
     }
 
     pub fn send(&self, stream: &mut Stream<'_>) {

@@ -5,6 +5,7 @@
 
 pub mod activity;
 pub mod config;
+pub mod decide;
 pub mod file_source;
 pub mod key;
 pub mod source;
