@@ -68,7 +68,22 @@ pub enum RouteSourceConfig {
         path: PathBuf,
         poll_interval: Duration,
     },
+    Kubernetes(KubeSourceConfig),
 }
+
+/// Pods labelled `label` in `namespaces` (empty: all) are routes (see `pod_index`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSourceConfig {
+    pub namespaces: Vec<String>,
+    pub label: String,
+    /// A kubeconfig file; `None` means in-cluster service-account config.
+    pub kubeconfig: Option<PathBuf>,
+    /// Port for pods without the `sandboxgateway.io/port` annotation.
+    pub default_port: u16,
+}
+
+/// The route contract's label (DESIGN.md).
+pub const SANDBOX_ID_LABEL: &str = "sandboxgateway.io/sandbox-id";
 
 /// The whole, validated gateway configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +140,23 @@ enum RawRouteSource {
         #[serde(default = "default_poll_ms")]
         poll_interval_ms: u64,
     },
+    Kubernetes {
+        #[serde(default)]
+        namespaces: Vec<String>,
+        #[serde(default = "default_label")]
+        label: String,
+        #[serde(default)]
+        kubeconfig: Option<PathBuf>,
+        #[serde(default = "default_pod_port")]
+        default_port: u16,
+    },
+}
+
+fn default_label() -> String {
+    SANDBOX_ID_LABEL.into()
+}
+fn default_pod_port() -> u16 {
+    8080
 }
 
 fn default_header_keys() -> RawHeaderKeys {
@@ -223,6 +255,39 @@ impl GatewayConfig {
                     poll_interval: Duration::from_millis(poll_interval_ms),
                 }
             }
+            RawRouteSource::Kubernetes {
+                namespaces,
+                label,
+                kubeconfig,
+                default_port,
+            } => {
+                for ns in &namespaces {
+                    if crate::key::validate_id(ns.as_bytes()).is_err() {
+                        return Err(field_err(
+                            "route_source.namespaces",
+                            format!("{ns:?} is not a namespace name"),
+                        ));
+                    }
+                }
+                if label.is_empty() || label.contains(['=', ',', '!', ' ']) {
+                    return Err(field_err(
+                        "route_source.label",
+                        format!("{label:?} is not a label key"),
+                    ));
+                }
+                if default_port == 0 {
+                    return Err(field_err(
+                        "route_source.default_port",
+                        "must be from 1 to 65535",
+                    ));
+                }
+                RouteSourceConfig::Kubernetes(KubeSourceConfig {
+                    namespaces,
+                    label,
+                    kubeconfig,
+                    default_port,
+                })
+            }
         };
         Ok(GatewayConfig {
             keys: KeyConfig {
@@ -320,6 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_source_defaults() {
+        let c = parse(r#"{"route_source": {"type": "kubernetes"}}"#).unwrap();
+        assert_eq!(
+            c.routes,
+            RouteSourceConfig::Kubernetes(KubeSourceConfig {
+                namespaces: vec![],
+                label: SANDBOX_ID_LABEL.into(),
+                kubeconfig: None,
+                default_port: 8080,
+            })
+        );
+    }
+
+    #[test]
     fn presets_and_custom_headers() {
         let base = r#""route_source": {"type": "file", "path": "/r"}"#;
         let c = parse(&format!(r#"{{"header_keys": "e2b", {base}}}"#)).unwrap();
@@ -386,6 +465,22 @@ mod tests {
                 "extra",
             ),
             (r#"{"route_source": {"type": "kube"}}"#, "kube"),
+            (
+                r#"{"route_source": {"type": "kubernetes", "namespaces": ["Bad_NS"]}}"#,
+                "route_source.namespaces",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes", "label": "a=b"}}"#,
+                "route_source.label",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes", "default_port": 0}}"#,
+                "default_port",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes", "bogus": 1}}"#,
+                "bogus",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(json).expect_err(json);

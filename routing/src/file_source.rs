@@ -104,17 +104,25 @@ pub fn parse_routes(path: &Path, bytes: &[u8]) -> Result<Vec<RouteSpec>, RouteFi
             port: r.port,
             ready: r.ready,
             token_sha256,
+            pod_uid: None,
+            resource_version: 0,
         });
     }
     Ok(out)
 }
 
-/// Counters a host (Envoy module, extproc) publishes as metrics.
+/// Counters a host (Envoy module, extproc) publishes as metrics. The file source fills the
+/// reload counters, the Kubernetes source the watch ones.
 #[derive(Debug, Default)]
 pub struct SourceStats {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub routes: AtomicU64,
+    pub watch_errors: AtomicU64,
+    pub relists: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub ip_fenced: AtomicU64,
+    pub stale_ignored: AtomicU64,
 }
 
 /// What identifies a version of the file without reading it.

@@ -8,6 +8,8 @@ pub mod config;
 pub mod decide;
 pub mod file_source;
 pub mod key;
+pub mod kube_source;
+pub mod pod_index;
 pub mod source;
 pub mod table;
 pub mod token;

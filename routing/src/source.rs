@@ -11,10 +11,13 @@ use std::sync::Arc;
 pub enum SourceError {
     #[error(transparent)]
     File(#[from] RouteFileError),
+    #[error(transparent)]
+    Kube(#[from] crate::kube_source::KubeSourceError),
 }
 
 /// Starts the configured source feeding `table`. A file source loads synchronously (a missing or
-/// invalid file is an error); the table is marked synced once the first full view is applied.
+/// invalid file is an error); a Kubernetes source checks its config and watches in the
+/// background. The table is marked synced once the first full view is applied.
 pub fn start(
     cfg: &RouteSourceConfig,
     table: Arc<RouteTable>,
@@ -29,6 +32,12 @@ pub fn start(
             let source = FileSource::open(path.clone(), Arc::clone(&table), stats)?;
             table.mark_synced();
             rt.spawn(source.run(*poll_interval, std::future::pending()));
+        }
+        RouteSourceConfig::Kubernetes(kcfg) => {
+            // Only the config is checked now; an unreachable API server must not stop Envoy
+            // from starting (requests get 503 routes_not_synced until the first list lands).
+            let access = crate::kube_source::access(kcfg)?;
+            rt.spawn(crate::kube_source::run(kcfg.clone(), access, table, stats));
         }
     }
     Ok(())

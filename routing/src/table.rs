@@ -21,6 +21,9 @@ pub struct RouteSpec {
     pub port: u16,
     pub ready: bool,
     pub token_sha256: Option<[u8; 32]>,
+    /// For Kubernetes routes: the pod this route points at, and the resourceVersion it came from.
+    pub pod_uid: Option<Arc<str>>,
+    pub resource_version: u64,
 }
 
 /// A routable sandbox as the data path sees it.
@@ -180,6 +183,8 @@ mod tests {
             port,
             ready: true,
             token_sha256: None,
+            pod_uid: None,
+            resource_version: 0,
         }
     }
 

@@ -1,0 +1,255 @@
+//! Kubernetes route source: `kube`'s watcher (list + watch with bookmarks, exponential backoff
+//! with jitter) on labelled Pods, feeding the route table through `PodIndex`.
+//!
+//! Fault behaviour: the table keeps serving the last known routes while the API server is
+//! unreachable or a watch is being re-established; a relist replaces the view only once it is
+//! complete. Memory stays flat while disconnected: the watcher buffers nothing, and the index
+//! holds one record per pod plus a bounded set of tombstones.
+
+use crate::config::KubeSourceConfig;
+use crate::file_source::SourceStats;
+use crate::key::validate_id;
+use crate::pod_index::{Change, PodIndex, PodInfo};
+use crate::table::RouteTable;
+use crate::token::parse_sha256_hex;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher::{self, Event, ListSemantic};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const PORT_ANNOTATION: &str = "sandboxgateway.io/port";
+pub const TOKEN_ANNOTATION: &str = "sandboxgateway.io/access-token-sha256";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster Kubernetes config unavailable (set route_source.kubeconfig to run outside a cluster): {0}")]
+    InCluster(kube::config::InClusterError),
+}
+
+/// How to reach the API server, resolved at config load so a bad kubeconfig fails the config.
+pub enum Access {
+    Kubeconfig(kube::config::Kubeconfig),
+    InCluster(kube::Config),
+}
+
+pub fn access(cfg: &KubeSourceConfig) -> Result<Access, KubeSourceError> {
+    match &cfg.kubeconfig {
+        Some(path) => kube::config::Kubeconfig::read_from(path)
+            .map(Access::Kubeconfig)
+            .map_err(|source| KubeSourceError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            }),
+        None => kube::Config::incluster()
+            .map(Access::InCluster)
+            .map_err(KubeSourceError::InCluster),
+    }
+}
+
+/// Reads what the route contract needs from a Pod. `None` if the pod has no UID (not a real
+/// object). A pod with a malformed label or annotation is kept but never routable: a bad token
+/// annotation must not open a sandbox, a bad port must not guess one.
+pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let uid: Arc<str> = meta.uid.as_deref()?.into();
+    let namespace: Arc<str> = meta.namespace.as_deref().unwrap_or("").into();
+    let key: Arc<str> = format!("{}/{}", namespace, meta.name.as_deref().unwrap_or("")).into();
+    let mut routable = true;
+    let sandbox_id = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(label))
+        .and_then(|id| match validate_id(id.as_bytes()) {
+            Ok(_) => Some(id.clone()),
+            Err(_) => {
+                tracing::warn!(pod = %key, id = %id, "sandbox id label is not a valid id; pod ignored");
+                None
+            }
+        });
+    let annotations = meta.annotations.as_ref();
+    let port = match annotations.and_then(|a| a.get(PORT_ANNOTATION)) {
+        None => default_port,
+        Some(p) => match crate::key::parse_port(p.as_bytes()) {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(pod = %key, port = %p, "bad port annotation; pod not routable");
+                routable = false;
+                default_port
+            }
+        },
+    };
+    let token_sha256 = match annotations.and_then(|a| a.get(TOKEN_ANNOTATION)) {
+        None => None,
+        Some(h) => {
+            let parsed = parse_sha256_hex(h);
+            if parsed.is_none() {
+                tracing::warn!(pod = %key, "bad access-token annotation; pod not routable");
+                routable = false;
+            }
+            parsed
+        }
+    };
+    let spec = pod.spec.as_ref();
+    // A host-network pod's IP is its node's, shared with everything else on the node.
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let status = pod.status.as_ref();
+    let ip = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .filter(|_| !host_network && routable);
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some(PodInfo {
+        uid,
+        key,
+        namespace,
+        resource_version: meta
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        created: meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+        sandbox_id,
+        ip,
+        port,
+        ready,
+        deleting: meta.deletion_timestamp.is_some(),
+        token_sha256,
+    })
+}
+
+fn apply(table: &RouteTable, changes: Vec<Change>) {
+    for c in changes {
+        match c {
+            Change::Upsert(spec) => {
+                table.upsert(spec);
+            }
+            Change::Remove(id) => {
+                table.remove(&id);
+            }
+        }
+    }
+}
+
+/// Watches until the runtime shuts down. Never returns on API errors: the watcher backs off and
+/// retries, and the table keeps its routes meanwhile.
+pub async fn run(
+    cfg: KubeSourceConfig,
+    access: Access,
+    table: Arc<RouteTable>,
+    stats: Arc<SourceStats>,
+) {
+    let client = loop {
+        let config = match &access {
+            Access::InCluster(c) => Ok(c.clone()),
+            Access::Kubeconfig(kc) => {
+                kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await
+            }
+        };
+        match config
+            .map_err(|e| e.to_string())
+            .and_then(|c| Client::try_from(c).map_err(|e| e.to_string()))
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "building the Kubernetes client; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let wc = watcher::Config::default()
+        .labels(&cfg.label)
+        // Consistent lists: a relist from a stale API-server cache could re-add deleted pods.
+        .list_semantic(ListSemantic::MostRecent);
+    let scopes: Vec<Option<String>> = if cfg.namespaces.is_empty() {
+        vec![None]
+    } else {
+        cfg.namespaces.iter().cloned().map(Some).collect()
+    };
+    let streams = scopes.iter().map(|scope| {
+        let api: Api<Pod> = match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let scope = scope.clone();
+        watcher::watcher(api, wc.clone())
+            .default_backoff()
+            .map(move |ev| (scope.clone(), ev))
+            .boxed()
+    });
+    let mut events = futures_util::stream::select_all(streams);
+    let mut index = PodIndex::default();
+    let mut unsynced: HashSet<Option<String>> = scopes.iter().cloned().collect();
+    while let Some((scope, ev)) = events.next().await {
+        let changes = match ev {
+            Ok(Event::Init) => {
+                stats.relists.fetch_add(1, Ordering::Relaxed);
+                index.begin_relist(scope.as_deref());
+                Vec::new()
+            }
+            Ok(Event::InitApply(pod)) | Ok(Event::Apply(pod)) => {
+                match pod_info(&pod, &cfg.label, cfg.default_port) {
+                    Some(info) => index.apply(info),
+                    None => Vec::new(),
+                }
+            }
+            Ok(Event::Delete(pod)) => match pod.metadata.uid.as_deref() {
+                Some(uid) => index.delete(uid),
+                None => Vec::new(),
+            },
+            Ok(Event::InitDone) => {
+                let changes = index.end_relist(scope.as_deref());
+                if unsynced.remove(&scope) && unsynced.is_empty() {
+                    // Apply first, then open the doors: misses now mean "no such sandbox".
+                    apply(&table, changes);
+                    table.sync();
+                    table.mark_synced();
+                    tracing::info!(
+                        routes = table.len(),
+                        pods = index.len(),
+                        "Kubernetes routes synced"
+                    );
+                    publish(&stats, &index, &table);
+                    continue;
+                }
+                changes
+            }
+            Err(e) => {
+                stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, namespace = ?scope, "pod watch failed; keeping current routes and retrying");
+                Vec::new()
+            }
+        };
+        apply(&table, changes);
+        publish(&stats, &index, &table);
+    }
+}
+
+fn publish(stats: &SourceStats, index: &PodIndex, table: &RouteTable) {
+    stats.routes.store(table.len(), Ordering::Relaxed);
+    stats
+        .conflicts
+        .store(index.stats.conflicts, Ordering::Relaxed);
+    stats
+        .ip_fenced
+        .store(index.stats.ip_fenced, Ordering::Relaxed);
+    stats
+        .stale_ignored
+        .store(index.stats.stale_ignored, Ordering::Relaxed);
+}
