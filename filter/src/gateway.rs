@@ -42,9 +42,15 @@ pub struct Metrics {
     pub miss_holds: MetricId,
     pub miss_hold_ms: MetricId,
     routes: MetricId,
-    reloads_ok: MetricId,
-    reloads_failed: MetricId,
-    panics: MetricId,
+    routes_synced: MetricId,
+    /// Counters kept as cumulative atomics by background code, published as deltas.
+    cumulative: [(MetricId, fn(&SourceStats) -> u64); CUMULATIVE],
+}
+
+const CUMULATIVE: usize = 8;
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
 }
 
 impl Metrics {
@@ -55,19 +61,33 @@ impl Metrics {
             miss_holds: h.define_counter("miss_holds", &[])?,
             miss_hold_ms: h.define_histogram("miss_hold_ms")?,
             routes: h.define_gauge("routes")?,
-            reloads_ok: h.define_counter("route_reloads_ok", &[])?,
-            reloads_failed: h.define_counter("route_reloads_failed", &[])?,
-            panics: h.define_counter("panics", &[])?,
+            routes_synced: h.define_gauge("routes_synced")?,
+            cumulative: [
+                (h.define_counter("route_reloads_ok", &[])?, |s| {
+                    load(&s.reloads_ok)
+                }),
+                (h.define_counter("route_reloads_failed", &[])?, |s| {
+                    load(&s.reloads_failed)
+                }),
+                (h.define_counter("route_watch_errors", &[])?, |s| {
+                    load(&s.watch_errors)
+                }),
+                (h.define_counter("route_relists", &[])?, |s| {
+                    load(&s.relists)
+                }),
+                (h.define_counter("route_conflicts", &[])?, |s| {
+                    load(&s.conflicts)
+                }),
+                (h.define_counter("route_ip_fenced", &[])?, |s| {
+                    load(&s.ip_fenced)
+                }),
+                (h.define_counter("route_stale_events", &[])?, |s| {
+                    load(&s.stale_ignored)
+                }),
+                (h.define_counter("panics", &[])?, |_| load(&PANICS)),
+            ],
         })
     }
-}
-
-/// Values already published, so counters get deltas.
-#[derive(Default)]
-struct Published {
-    reloads_ok: u64,
-    reloads_failed: u64,
-    panics: u64,
 }
 
 pub struct Gateway {
@@ -76,7 +96,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     handle: FilterConfigHandle,
     source_stats: Arc<SourceStats>,
-    published: Mutex<Published>,
+    /// Values of `Metrics::cumulative` already published.
+    published: Mutex<[u64; CUMULATIVE]>,
     runtime: Option<tokio::runtime::Runtime>,
     stats_scheduler: Option<Arc<ConfigScheduler>>,
 }
@@ -117,7 +138,7 @@ impl Gateway {
             metrics,
             handle,
             source_stats,
-            published: Mutex::new(Published::default()),
+            published: Mutex::new([0; CUMULATIVE]),
             runtime: Some(runtime),
             stats_scheduler,
         })
@@ -136,23 +157,18 @@ impl Gateway {
             return;
         }
         self.handle.set_gauge(self.metrics.routes, self.table.len());
-        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        let ok = self.source_stats.reloads_ok.load(Ordering::Relaxed);
-        let failed = self.source_stats.reloads_failed.load(Ordering::Relaxed);
-        let panics = PANICS.load(Ordering::Relaxed);
-        self.handle
-            .increment_counter(self.metrics.reloads_ok, ok.saturating_sub(p.reloads_ok));
-        self.handle.increment_counter(
-            self.metrics.reloads_failed,
-            failed.saturating_sub(p.reloads_failed),
+        self.handle.set_gauge(
+            self.metrics.routes_synced,
+            u64::from(self.table.is_synced()),
         );
-        self.handle
-            .increment_counter(self.metrics.panics, panics.saturating_sub(p.panics));
-        *p = Published {
-            reloads_ok: ok,
-            reloads_failed: failed,
-            panics,
-        };
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        for ((id, read), last) in self.metrics.cumulative.iter().zip(published.iter_mut()) {
+            let now = read(&self.source_stats);
+            if now > *last {
+                self.handle.increment_counter(*id, now - *last);
+            }
+            *last = now;
+        }
     }
 }
 

@@ -253,3 +253,98 @@ fn publish(stats: &SourceStats, index: &PodIndex, table: &RouteTable) {
         .stale_ignored
         .store(index.stats.stale_ignored, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(extra_meta: serde_json::Value, status: serde_json::Value) -> Pod {
+        let mut meta = json!({
+            "name": "sb-1", "namespace": "team", "uid": "uid-1", "resourceVersion": "42",
+            "creationTimestamp": "2026-11-01T10:00:00Z",
+            "labels": {"sandboxgateway.io/sandbox-id": "alpha"}
+        });
+        if let (Some(m), Some(e)) = (meta.as_object_mut(), extra_meta.as_object()) {
+            for (k, v) in e {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"containers": []}, "status": status}))
+            .unwrap()
+    }
+
+    fn ready(ip: &str) -> serde_json::Value {
+        json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
+    }
+
+    const LABEL: &str = crate::config::SANDBOX_ID_LABEL;
+
+    #[test]
+    fn reads_the_route_contract() {
+        let sha = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+        let p = pod(
+            json!({"annotations": {PORT_ANNOTATION: "3000", TOKEN_ANNOTATION: sha}}),
+            ready("10.1.2.3"),
+        );
+        let i = pod_info(&p, LABEL, 8080).unwrap();
+        assert_eq!(&*i.uid, "uid-1");
+        assert_eq!(&*i.key, "team/sb-1");
+        assert_eq!(i.resource_version, 42);
+        assert_eq!(i.created, 1_793_527_200);
+        assert_eq!(i.sandbox_id.as_deref(), Some("alpha"));
+        assert_eq!(i.ip, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!((i.port, i.ready, i.deleting), (3000, true, false));
+        assert_eq!(i.token_sha256, parse_sha256_hex(sha));
+    }
+
+    #[test]
+    fn not_ready_no_ip_deleting_and_defaults() {
+        let i = pod_info(&pod(json!({}), json!({"podIP": "10.0.0.1"})), LABEL, 8080).unwrap();
+        assert!(!i.ready);
+        assert_eq!(i.port, 8080);
+        let i = pod_info(
+            &pod(
+                json!({}),
+                json!({"conditions": [{"type": "Ready", "status": "True"}]}),
+            ),
+            LABEL,
+            1,
+        )
+        .unwrap();
+        assert_eq!(i.ip, None);
+        let i = pod_info(
+            &pod(
+                json!({"deletionTimestamp": "2026-11-01T10:05:00Z"}),
+                ready("10.0.0.1"),
+            ),
+            LABEL,
+            1,
+        )
+        .unwrap();
+        assert!(i.deleting);
+        let no_uid = pod(json!({"uid": null}), ready("10.0.0.1"));
+        assert!(pod_info(&no_uid, LABEL, 1).is_none());
+    }
+
+    #[test]
+    fn malformed_metadata_is_never_routable() {
+        let bad_id = pod(json!({"labels": {LABEL: "Not_Valid"}}), ready("10.0.0.1"));
+        assert_eq!(pod_info(&bad_id, LABEL, 1).unwrap().sandbox_id, None);
+        let bad_port = pod(
+            json!({"annotations": {PORT_ANNOTATION: "http"}}),
+            ready("10.0.0.1"),
+        );
+        assert_eq!(pod_info(&bad_port, LABEL, 1).unwrap().ip, None);
+        let bad_token = pod(
+            json!({"annotations": {TOKEN_ANNOTATION: "xyz"}}),
+            ready("10.0.0.1"),
+        );
+        assert_eq!(pod_info(&bad_token, LABEL, 1).unwrap().ip, None);
+        let mut host_net = pod(json!({}), ready("10.0.0.1"));
+        if let Some(spec) = host_net.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        assert_eq!(pod_info(&host_net, LABEL, 1).unwrap().ip, None);
+    }
+}

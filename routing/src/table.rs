@@ -6,10 +6,11 @@
 //! the new route, never a mix.
 
 use crate::activity::{ActivityCell, ActivityTracker};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -68,7 +69,9 @@ impl Route {
 pub struct RouteTable {
     routes: moka::sync::Cache<Arc<str>, Arc<Route>, ahash::RandomState>,
     activity: ActivityTracker,
-    changed: Notify,
+    /// Requests held on a miss, by sandbox ID: concurrent misses for one ID share one entry, and
+    /// an upsert wakes only the requests waiting for that ID.
+    waiters: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     /// Set once the source has applied its first complete view. Before that a miss means "don't
     /// know yet", not "no such sandbox".
     synced: AtomicBool,
@@ -87,14 +90,13 @@ impl RouteTable {
             // bounded by the route source (one entry per sandbox).
             routes: moka::sync::Cache::builder().build_with_hasher(ahash::RandomState::new()),
             activity: ActivityTracker::default(),
-            changed: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
         }
     }
 
     pub fn mark_synced(&self) {
         self.synced.store(true, Ordering::Release);
-        self.changed.notify_waiters();
     }
 
     #[inline]
@@ -116,8 +118,12 @@ impl RouteTable {
         }
         let cell = self.activity.cell(&spec.id);
         let id: Arc<str> = spec.id.as_str().into();
-        self.routes.insert(id, Arc::new(Route::new(spec, cell)));
-        self.changed.notify_waiters();
+        self.routes
+            .insert(Arc::clone(&id), Arc::new(Route::new(spec, cell)));
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = waiters.get(&id) {
+            n.notify_waiters();
+        }
         true
     }
 
@@ -126,7 +132,6 @@ impl RouteTable {
         let removed = self.routes.remove(id).is_some();
         if removed {
             self.activity.forget(id);
-            self.changed.notify_waiters();
         }
         removed
     }
@@ -157,8 +162,9 @@ impl RouteTable {
     /// miss: right after a claim the route may be milliseconds away.
     pub async fn wait_for(&self, id: &str, timeout: Duration) -> Option<Arc<Route>> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let waiter = Waiter::register(self, id);
         loop {
-            let notified = self.changed.notified();
+            let notified = waiter.notify.notified();
             tokio::pin!(notified);
             // Register before checking so an insert between the check and the await wakes us.
             notified.as_mut().enable();
@@ -168,6 +174,38 @@ impl RouteTable {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.get(id);
             }
+        }
+    }
+}
+
+/// One held request's registration; the last one for an ID removes the entry.
+struct Waiter<'t> {
+    table: &'t RouteTable,
+    id: Arc<str>,
+    notify: Arc<Notify>,
+}
+
+impl<'t> Waiter<'t> {
+    fn register(table: &'t RouteTable, id: &str) -> Self {
+        let mut w = table.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let (id, notify) = match w.get_key_value(id) {
+            Some((k, n)) => (Arc::clone(k), Arc::clone(n)),
+            None => {
+                let (k, n): (Arc<str>, _) = (id.into(), Arc::new(Notify::new()));
+                w.insert(Arc::clone(&k), Arc::clone(&n));
+                (k, n)
+            }
+        };
+        Waiter { table, id, notify }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut w = self.table.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference plus ours: nobody else is waiting.
+        if Arc::strong_count(&self.notify) == 2 {
+            w.remove(&self.id);
         }
     }
 }
@@ -237,6 +275,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_misses_share_one_waiter_and_all_wake() {
+        let t = Arc::new(RouteTable::new());
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            let t = Arc::clone(&t);
+            held.push(tokio::spawn(async move {
+                t.wait_for("hot", Duration::from_secs(10)).await
+            }));
+        }
+        while t
+            .waiters
+            .lock()
+            .unwrap()
+            .get("hot")
+            .map_or(0, Arc::strong_count)
+            < 101
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(t.waiters.lock().unwrap().len(), 1);
+        t.upsert(spec("other", "10.0.0.2", 80));
+        t.upsert(spec("hot", "10.0.0.1", 80));
+        for h in held {
+            assert!(h.await.unwrap().is_some());
+        }
+        assert!(t.waiters.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn wait_for_sees_a_late_route_and_times_out_otherwise() {
         let t = Arc::new(RouteTable::new());
         let t2 = Arc::clone(&t);
@@ -247,6 +314,10 @@ mod tests {
         let got = t.wait_for("late", Duration::from_secs(5)).await;
         assert!(got.is_some());
         writer.await.unwrap();
+        assert!(
+            t.waiters.lock().unwrap().is_empty(),
+            "waiter entries are cleaned up"
+        );
         let start = std::time::Instant::now();
         assert!(t
             .wait_for("never", Duration::from_millis(50))
