@@ -90,8 +90,33 @@ impl Metrics {
     }
 }
 
+/// Bounds the requests held on a miss at once: each holds a task and a scheduler, and the IDs
+/// come from clients.
+pub struct HoldGate {
+    active: Arc<AtomicU64>,
+}
+
+pub const MAX_HOLDS: u64 = 10_000;
+
+pub struct HoldPermit(Arc<AtomicU64>);
+
+impl Drop for HoldPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HoldGate {
+    pub fn try_acquire(&self) -> Option<HoldPermit> {
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        let permit = HoldPermit(Arc::clone(&self.active));
+        (prev < MAX_HOLDS).then_some(permit)
+    }
+}
+
 pub struct Gateway {
     pub cfg: GatewayConfig,
+    pub holds: HoldGate,
     pub table: Arc<RouteTable>,
     pub metrics: Metrics,
     handle: FilterConfigHandle,
@@ -133,6 +158,9 @@ impl Gateway {
         }
         tracing::info!(routes = table.len(), "sandbox_gateway config loaded");
         Ok(Gateway {
+            holds: HoldGate {
+                active: Arc::new(AtomicU64::new(0)),
+            },
             cfg,
             table,
             metrics,
@@ -179,5 +207,23 @@ impl Drop for Gateway {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
         self.stats_scheduler.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_gate_caps_and_releases() {
+        let gate = HoldGate {
+            active: Arc::new(AtomicU64::new(0)),
+        };
+        let permits: Vec<_> = (0..MAX_HOLDS).map(|_| gate.try_acquire().unwrap()).collect();
+        assert!(gate.try_acquire().is_none());
+        assert_eq!(gate.active.load(Ordering::Relaxed), MAX_HOLDS);
+        drop(permits);
+        assert_eq!(gate.active.load(Ordering::Relaxed), 0);
+        assert!(gate.try_acquire().is_some());
     }
 }

@@ -6,7 +6,7 @@ use crate::gateway::Gateway;
 use crate::reply::Reply;
 use routing::activity::{now_ms, StreamThrottle};
 use routing::decide::ORIGINAL_DST_HEADER;
-use routing::decide::{decide, Decision, ErrorReply, Forward, SandboxId, NOT_FOUND};
+use routing::decide::{decide, Decision, ErrorReply, Forward, SandboxId};
 use routing::key::KeyError;
 use routing::{RequestView, Route, TargetBuf};
 use std::sync::Arc;
@@ -166,17 +166,12 @@ impl SandboxFilter {
 
     fn hold(&mut self, s: &mut Stream<'_>, id: SandboxId) -> HeadersStatus {
         let gw = self.gw;
+        // Past the cap (a flood of unknown IDs), answer now as if the hold had expired.
+        let Some(permit) = gw.holds.try_acquire() else {
+            return self.route(s, true);
+        };
         let Some(scheduler) = s.scheduler() else {
-            return self.send(
-                s,
-                Reply {
-                    status: 404,
-                    code: "sandbox_not_found",
-                    message: NOT_FOUND,
-                    sandbox_id: Some(&id),
-                    retry_after_secs: None,
-                },
-            );
+            return self.route(s, true);
         };
         s.increment_counter(gw.metrics.miss_holds, None, 1);
         self.hold_started = Some(Instant::now());
@@ -185,6 +180,7 @@ impl SandboxFilter {
         // The task owns the scheduler: it makes the only commit, then frees it.
         gw.spawn(async move {
             table.wait_for(&id, hold).await;
+            drop(permit);
             scheduler.commit(EVENT_HOLD_DONE);
         });
         HeadersStatus::Stop
