@@ -543,3 +543,31 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
     ensure!(r.status == 200 && served_by(&r) == "one");
     Ok(())
 }
+
+/// A route that disappears stops new requests at once; a WebSocket already open keeps flowing
+/// (the gateway does not cut established sessions on a readiness blip; a deleted pod closes its
+/// own sockets).
+pub async fn open_websocket_survives_route_removal(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["ws"]).await?;
+    let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({"miss_hold_ms": 0}))?;
+    let a = gw.addr();
+    let mut req = format!("ws://{a}/live").into_client_request()?;
+    req.headers_mut().insert("x-sandbox-id", "alpha".parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    ws.send(Message::text("before")).await?;
+    ensure!(ws.next().await.context("closed")??.to_text()? == "before");
+    gw.set_routes(&[])?;
+    eventually("route removed", || async {
+        let r = client::get(a, "/", &[("x-sandbox-id", "alpha")]).await?;
+        ensure!(r.status == 404, "still routed: {}", r.status);
+        Ok(())
+    })
+    .await?;
+    ws.send(Message::text("after")).await?;
+    ensure!(ws.next().await.context("closed")??.to_text()? == "after");
+    let mut req = format!("ws://{a}/live").into_client_request()?;
+    req.headers_mut().insert("x-sandbox-id", "alpha".parse()?);
+    ensure!(tokio_tungstenite::connect_async(req).await.is_err(), "new sessions are refused");
+    ws.close(None).await?;
+    Ok(())
+}

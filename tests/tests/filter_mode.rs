@@ -32,6 +32,7 @@ case!(sse_streams_without_buffering);
 case!(routes_hot_reload);
 case!(miss_hold_waits_for_a_late_route);
 case!(hostile_input_gets_400);
+case!(open_websocket_survives_route_removal);
 
 /// The Envoy process survives everything above and keeps its routes across reloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
