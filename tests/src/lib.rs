@@ -4,5 +4,6 @@
 pub mod cases;
 pub mod client;
 pub mod envoy;
+pub mod extproc;
 pub mod gateway;
 pub mod sandbox;
