@@ -207,6 +207,8 @@ mod tests {
             port: 80,
             ready,
             token_sha256: tok,
+            pod_uid: None,
+            resource_version: 0,
         };
         t.upsert(spec("a", true, None));
         t.upsert(spec("z", false, None));
