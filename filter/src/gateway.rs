@@ -145,6 +145,10 @@ impl Gateway {
             Arc::clone(&source_stats),
             runtime.handle(),
         )?;
+        if let Some(r) = &cfg.activity_report {
+            // Pushes activity to sandbox-extproc; see report.rs.
+            runtime.spawn(crate::report::run(r.clone(), Arc::clone(&table)));
+        }
         let stats_scheduler = handle.scheduler().map(Arc::new);
         if let Some(s) = &stats_scheduler {
             let s = Arc::clone(s);

@@ -8,3 +8,4 @@ mod gateway;
 mod http_filter;
 mod logging;
 mod reply;
+mod report;

@@ -94,6 +94,16 @@ pub struct GatewayConfig {
     pub retry_after_secs: u32,
     pub access_token_header: String,
     pub activity_stream_throttle: Duration,
+    /// Push activity to sandbox-extproc's ActivityService (module only; None = no reporting).
+    pub activity_report: Option<ActivityReportConfig>,
+}
+
+/// Where and how often the module reports activity (`"activity_report"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivityReportConfig {
+    /// `http://host:port` of sandbox-extproc's ActivityService.
+    pub endpoint: String,
+    pub interval: Duration,
 }
 
 // ---- wire format -------------------------------------------------------------------------------
@@ -116,6 +126,47 @@ struct RawConfig {
     access_token_header: String,
     #[serde(default = "default_activity_throttle_ms")]
     activity_stream_throttle_ms: u64,
+    #[serde(default)]
+    activity_report: Option<RawActivityReport>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActivityReport {
+    endpoint: String,
+    #[serde(default = "default_report_interval_ms")]
+    interval_ms: u64,
+}
+
+fn default_report_interval_ms() -> u64 {
+    1000
+}
+
+fn activity_report(
+    raw: Option<RawActivityReport>,
+) -> Result<Option<ActivityReportConfig>, ConfigError> {
+    let Some(r) = raw else { return Ok(None) };
+    // Plain-text gRPC (h2c) only: the reporter has no TLS. A host is required.
+    let host = r.endpoint.strip_prefix("http://").unwrap_or("");
+    if host.is_empty()
+        || host.starts_with('/')
+        || r.endpoint.bytes().any(|b| b.is_ascii_whitespace())
+    {
+        return Err(field_err(
+            "activity_report.endpoint",
+            format!("{:?} must look like http://host:port", r.endpoint),
+        ));
+    }
+    if !(100..=60_000).contains(&r.interval_ms) {
+        return Err(field_err(
+            "activity_report.interval_ms",
+            "must be from 100 to 60000",
+        ));
+    }
+    Ok(Some(ActivityReportConfig {
+        endpoint: r.endpoint,
+        interval: Duration::from_millis(r.interval_ms),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -300,6 +351,7 @@ impl GatewayConfig {
             retry_after_secs: raw.retry_after_s,
             access_token_header: raw.access_token_header,
             activity_stream_throttle: Duration::from_millis(raw.activity_stream_throttle_ms),
+            activity_report: activity_report(raw.activity_report)?,
         })
     }
 }
@@ -375,6 +427,18 @@ mod tests {
         assert_eq!(c.miss_hold, Duration::from_millis(500));
         assert_eq!(c.retry_after_secs, 1);
         assert_eq!(c.access_token_header, "x-access-token");
+        assert_eq!(c.activity_report, None);
+        let r = parse(
+            r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "http://127.0.0.1:18090"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.activity_report,
+            Some(ActivityReportConfig {
+                endpoint: "http://127.0.0.1:18090".into(),
+                interval: Duration::from_millis(1000)
+            })
+        );
         assert_eq!(
             c.routes,
             RouteSourceConfig::File {
@@ -465,6 +529,18 @@ mod tests {
                 "extra",
             ),
             (r#"{"route_source": {"type": "kube"}}"#, "kube"),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "127.0.0.1:1"}}"#,
+                "activity_report.endpoint",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "http://x:1", "interval_ms": 5}}"#,
+                "activity_report.interval_ms",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "http://x:1", "every": 5}}"#,
+                "every",
+            ),
             (
                 r#"{"route_source": {"type": "kubernetes", "namespaces": ["Bad_NS"]}}"#,
                 "route_source.namespaces",

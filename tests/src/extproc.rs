@@ -120,6 +120,11 @@ impl ExtProc {
         Ok(())
     }
 
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("extproc.log")
     }
