@@ -6,6 +6,8 @@ ENVOY_VERSION := 1.40.0
 VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 CARGO ?= cargo
+# `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
+MODE ?= filter
 
 .PHONY: all tools envoy build demo demo-check lint test clean
 
@@ -34,18 +36,21 @@ envoy: tools
 
 # Release module (target/release/libsandbox_gateway.so) and binaries, for the demo.
 build:
-	$(CARGO) build --release -p sandbox-gateway-filter
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-extproc
 	$(CARGO) build --release -p sandbox-gateway-tests --bins
 
 # Three local sandboxes behind Envoy on 127.0.0.1:10000; prints commands to try. Ctrl-C ends it.
+# MODE=filter (default: the module) or MODE=extproc (ext_proc filter + sandbox-extproc).
 demo: envoy build
-	target/release/sandbox-demo
+	target/release/sandbox-demo --mode $(MODE)
 
 # The demo's own checks, with the debug module `make test` builds (no release build needed).
 demo-check: envoy
-	$(CARGO) build -p sandbox-gateway-filter
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug \
 	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
+	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only --mode extproc
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -54,7 +59,8 @@ lint:
 # Everything CI enforces: formatting, clippy, unit and end-to-end tests (real Envoy, debug module),
 # and the demo's checks.
 test: tools envoy lint
-	$(CARGO) build -p sandbox-gateway-filter
+	# The e2e tests run these as Envoy's module and as a child process.
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory demo-check
 

@@ -1,14 +1,17 @@
-//! `sandbox-demo [--check-only]`: the gateway on one machine. Starts three local sandboxes
+//! `sandbox-demo [--check-only] [--mode filter|extproc]`: the gateway on one machine. Starts three local sandboxes
 //! (alpha, beta, gamma), writes `.demo/routes.json`, starts Envoy 1.40 with `envoy/demo.yaml`
 //! (listener 127.0.0.1:10000, admin 127.0.0.1:9901), prints ready-to-paste commands, checks each
 //! of them itself, then runs until Ctrl-C/SIGTERM. `--check-only` exits after the checks
 //! (status 0 when all pass). The module comes from `$SANDBOX_GATEWAY_MODULE_DIR`, by default
-//! `target/release` (`make build`).
+//! `target/release` (`make build`). `--mode extproc` runs Envoy's ext_proc filter against
+//! `sandbox-extproc` (`envoy/extproc.yaml.tmpl`, same ports) instead of the module; the binary
+//! comes from `$SANDBOX_EXTPROC_BIN`, by default `target/release/sandbox-extproc`.
 
 use anyhow::{bail, ensure, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use sandbox_gateway_tests::client;
 use sandbox_gateway_tests::envoy::{repo_root, Envoy, EnvoyOptions};
+use sandbox_gateway_tests::extproc::{extproc_bootstrap, message_timeout, ExtProc};
 use sandbox_gateway_tests::gateway::{write_routes, RouteEntry};
 use sandbox_gateway_tests::sandbox::SandboxServer;
 use serde_json::{json, Value};
@@ -28,7 +31,7 @@ const ROUTES_PATH: &str = ".demo/routes.json";
 const HOST_DOMAIN: &str = "sandbox.localhost";
 const PATH_PREFIX: &str = "/sandboxes";
 const TOKEN: &str = "demo-token";
-const USAGE: &str = "usage: sandbox-demo [--check-only]";
+const USAGE: &str = "usage: sandbox-demo [--check-only] [--mode filter|extproc]";
 
 /// The module config baked into `envoy/demo.yaml`.
 fn demo_filter_config() -> Value {
@@ -41,15 +44,23 @@ fn demo_filter_config() -> Value {
 }
 
 fn main() -> Result<ExitCode> {
-    let check_only = match std::env::args().nth(1).as_deref() {
-        None => false,
-        Some("--check-only") => true,
-        Some("-h" | "--help") => {
-            println!("{USAGE}");
-            return Ok(ExitCode::SUCCESS);
+    let (mut check_only, mut extproc_mode) = (false, false);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--check-only" => check_only = true,
+            "--mode" => match args.next().as_deref() {
+                Some("filter") => extproc_mode = false,
+                Some("extproc") => extproc_mode = true,
+                other => bail!("--mode wants filter or extproc, got {other:?}\n{USAGE}"),
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
-        Some(other) => bail!("unknown argument {other:?}\n{USAGE}"),
-    };
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -65,10 +76,17 @@ fn main() -> Result<ExitCode> {
             repo_root().join("target/release"),
         );
     }
-    tokio::runtime::Runtime::new()?.block_on(run(check_only))
+    if std::env::var_os("SANDBOX_EXTPROC_BIN").is_none() {
+        // Same as above: no other thread exists yet.
+        std::env::set_var(
+            "SANDBOX_EXTPROC_BIN",
+            repo_root().join("target/release/sandbox-extproc"),
+        );
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(check_only, extproc_mode))
 }
 
-async fn run(check_only: bool) -> Result<ExitCode> {
+async fn run(check_only: bool, extproc_mode: bool) -> Result<ExitCode> {
     let mut sandboxes = Vec::new();
     for name in ["alpha", "beta", "gamma"] {
         sandboxes.push(SandboxServer::start(name, ([127, 0, 0, 1], 0).into()).await?);
@@ -84,8 +102,25 @@ async fn run(check_only: bool) -> Result<ExitCode> {
             RouteEntry::new("gamma", gamma).token_sha256(&token_sha256),
         ],
     )?;
-    let bootstrap =
-        std::fs::read_to_string(DEMO_YAML).with_context(|| format!("reading {DEMO_YAML}"))?;
+    // ext_proc mode: sandbox-extproc with the module's config, Envoy on the same ports.
+    let extproc = if extproc_mode {
+        let cfg = demo_filter_config();
+        let ext = tokio::task::spawn_blocking(move || ExtProc::start(&cfg, &[])).await??;
+        Some(ext)
+    } else {
+        None
+    };
+    let bootstrap = match &extproc {
+        Some(ext) => extproc_bootstrap(
+            9901,
+            10000,
+            ext.extproc,
+            message_timeout(&demo_filter_config()),
+        )?,
+        None => {
+            std::fs::read_to_string(DEMO_YAML).with_context(|| format!("reading {DEMO_YAML}"))?
+        }
+    };
     let envoy = tokio::task::spawn_blocking(move || {
         Envoy::start(EnvoyOptions {
             bootstrap,
@@ -97,7 +132,16 @@ async fn run(check_only: bool) -> Result<ExitCode> {
     .await??;
     let gw = envoy.listener;
 
-    println!("sandbox-gateway demo");
+    println!(
+        "sandbox-gateway demo ({} mode)",
+        if extproc_mode { "ext_proc" } else { "filter" }
+    );
+    if let Some(ext) = &extproc {
+        println!(
+            "  extproc     ext_proc {}, ActivityService {}, metrics http://{}/metrics",
+            ext.extproc, ext.activity, ext.metrics
+        );
+    }
     println!(
         "  gateway     http://{gw}  (Envoy admin http://{})",
         envoy.admin
@@ -173,6 +217,16 @@ async fn run(check_only: bool) -> Result<ExitCode> {
         ),
         websocket(gw).await,
     );
+    if let Some(ext) = &extproc {
+        show(
+            "last-active per sandbox from the ActivityService (add --json for JSON)",
+            format!(
+                "target/release/sandbox-extproc last-active --endpoint {}",
+                ext.activity_endpoint()
+            ),
+            last_active(ext).await,
+        );
+    }
 
     let result = if failed > 0 {
         println!("{failed} check(s) FAILED");
@@ -188,11 +242,24 @@ async fn run(check_only: bool) -> Result<ExitCode> {
     // Keep Envoy's log past the temp dir it lives in.
     let _ = std::fs::copy(&envoy.log_path, ".demo/envoy.log");
     drop(envoy);
+    if let Some(ext) = &extproc {
+        let _ = std::fs::copy(ext.log_path(), ".demo/extproc.log");
+    }
+    drop(extproc);
     for s in sandboxes {
         s.shutdown().await;
     }
     println!("Stopped Envoy and the sandboxes (Envoy log kept in .demo/envoy.log). Goodbye.");
     Ok(result)
+}
+
+/// The sandboxes the checks above used are listed with a last-active time.
+async fn last_active(ext: &ExtProc) -> Result<()> {
+    let la = ext.last_active().await?;
+    for id in ["alpha", "beta", "gamma"] {
+        ensure!(la.get(id).is_some_and(|&t| t > 0), "{id} missing: {la:?}");
+    }
+    Ok(())
 }
 
 /// Expects the sandbox's JSON echo: right sandbox, right forwarded path, no token upstream.
