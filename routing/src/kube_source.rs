@@ -209,8 +209,9 @@ pub async fn run(
                     None => Vec::new(),
                 }
             }
-            Ok(Event::Delete(pod)) => match pod.metadata.uid.as_deref() {
-                Some(uid) => index.delete(uid),
+            Ok(Event::Delete(pod)) => match pod_info(&pod, &cfg.label, cfg.default_port) {
+                // Deleted, or left the label selector: the event can't say which (see PodIndex).
+                Some(info) => index.delete(&info.uid, info.resource_version),
                 None => Vec::new(),
             },
             Ok(Event::InitDone) => {

@@ -2,8 +2,9 @@
 //!
 //! Kept free of the watcher so the rules that keep traffic on the right pod are unit-tested:
 //! - a pod is a route when it has the sandbox label, a pod IP, is Ready and not being deleted;
-//! - events older than what we hold for a pod (by resourceVersion) are ignored, and a deleted pod's
-//!   UID is tombstoned so a replayed or stale event can never resurrect it;
+//! - events older than what we hold for a pod (by resourceVersion) are ignored, and a removed pod's
+//!   UID keeps a tombstone at its removal's resourceVersion, so a replayed or stale event can never
+//!   resurrect it;
 //! - an IP belongs to the newest pod that claims it: an older claimant (its delete not seen yet) is
 //!   fenced off at once, so a reused IP never receives another sandbox's traffic;
 //! - two live pods claiming one sandbox ID: the oldest keeps it (a newcomer cannot take over a
@@ -63,7 +64,12 @@ pub struct PodIndex {
     claims: HashMap<String, BTreeSet<(i64, Arc<str>, Arc<str>)>>,
     /// IP → (resourceVersion, uid) of its newest claimant.
     ip_owner: HashMap<IpAddr, (u64, Arc<str>)>,
-    tombstones: HashSet<Arc<str>>,
+    /// Pods we stopped tracking: uid → the resourceVersion of their removal. Only newer events
+    /// for that UID are accepted. A filtered watch reports "left the label selector" exactly like
+    /// a deletion (DELETED with the previous object), so the two can't be told apart; a truly
+    /// deleted UID never has a newer event, and relists are consistent reads, so RV order alone
+    /// keeps it dead while a relabelled pod can come back.
+    tombstones: HashMap<Arc<str>, u64>,
     tombstone_order: VecDeque<Arc<str>>,
     /// Relists in progress, by scope (a namespace, or None for all): the UIDs seen so far.
     /// Several watchers (one per namespace) may relist at once.
@@ -87,9 +93,15 @@ impl PodIndex {
                 seen.insert(Arc::clone(&pod.uid));
             }
         }
-        if self.tombstones.contains(&pod.uid) {
-            self.stats.stale_ignored += 1;
-            return Vec::new();
+        match self.tombstones.get(&pod.uid) {
+            Some(rv) if pod.resource_version <= *rv => {
+                self.stats.stale_ignored += 1;
+                return Vec::new();
+            }
+            Some(_) => {
+                self.tombstones.remove(&pod.uid);
+            }
+            None => {}
         }
         if let Some(old) = self.pods.get(&pod.uid) {
             if pod.resource_version != 0 && pod.resource_version < old.resource_version {
@@ -132,14 +144,17 @@ impl PodIndex {
         self.recompute(touched)
     }
 
-    /// A pod was deleted.
-    pub fn delete(&mut self, uid: &str) -> Vec<Change> {
+    /// A pod was deleted, or left the watch's label selector, at `resource_version`.
+    pub fn delete(&mut self, uid: &str, resource_version: u64) -> Vec<Change> {
         let Some(old) = self.pods.remove(uid) else {
-            self.tombstone(uid.into());
+            self.tombstone(uid.into(), resource_version);
             return Vec::new();
         };
         self.unclaim(&old);
-        self.tombstone(Arc::clone(&old.uid));
+        self.tombstone(
+            Arc::clone(&old.uid),
+            resource_version.max(old.resource_version),
+        );
         self.recompute(old.sandbox_id.into_iter().collect())
     }
 
@@ -166,7 +181,9 @@ impl PodIndex {
             .collect();
         let mut changes = Vec::new();
         for uid in gone {
-            changes.extend(self.delete(&uid));
+            // A consistent list without the pod: deleted, or no longer matching.
+            let rv = self.pods.get(&uid).map_or(0, |p| p.resource_version);
+            changes.extend(self.delete(&uid, rv));
         }
         changes
     }
@@ -191,8 +208,12 @@ impl PodIndex {
         }
     }
 
-    fn tombstone(&mut self, uid: Arc<str>) {
-        if self.tombstones.insert(Arc::clone(&uid)) {
+    fn tombstone(&mut self, uid: Arc<str>, resource_version: u64) {
+        let rv = self
+            .tombstones
+            .get(&uid)
+            .map_or(resource_version, |r| (*r).max(resource_version));
+        if self.tombstones.insert(Arc::clone(&uid), rv).is_none() {
             self.tombstone_order.push_back(uid);
             // UIDs are never reused, so forgetting the oldest tombstones only matters for events
             // that are very late; the bound keeps memory flat under churn.
@@ -300,7 +321,7 @@ mod tests {
         let mut p = pod("u1", "a", "sb", "10.0.0.1", 4);
         p.deleting = true;
         assert_eq!(routes(&ix.apply(p)), [("sb".into(), None)]);
-        assert_eq!(routes(&ix.delete("u1")), [("sb".into(), None)]);
+        assert_eq!(routes(&ix.delete("u1", 5)), [("sb".into(), None)]);
         assert!(ix.is_empty());
     }
 
@@ -331,16 +352,41 @@ mod tests {
             ix.apply(older).is_empty(),
             "older RV must not replace a newer one"
         );
-        ix.delete("u1");
+        ix.delete("u1", 6);
         assert!(
             ix.apply(pod("u1", "a", "sb", "10.0.0.1", 5)).is_empty(),
             "deleted pod resurrected"
         );
         assert!(
-            ix.apply(pod("u1", "a", "sb", "10.0.0.1", 99)).is_empty(),
-            "tombstone holds for any RV"
+            ix.apply(pod("u1", "a", "sb", "10.0.0.1", 6)).is_empty(),
+            "the delete's own event replayed"
         );
         assert_eq!(ix.stats.stale_ignored, 3);
+    }
+
+    #[test]
+    fn leaving_the_selector_is_not_a_death() {
+        let mut ix = PodIndex::default();
+        ix.apply(pod("u1", "a", "sb", "10.0.0.1", 5));
+        // A label-filtered watch reports "label removed" as a delete of the pod at RV 6.
+        assert_eq!(routes(&ix.delete("u1", 6)), [("sb".into(), None)]);
+        assert!(
+            ix.apply(pod("u1", "a", "sb", "10.0.0.1", 5)).is_empty(),
+            "older event"
+        );
+        assert!(
+            ix.apply(pod("u1", "a", "sb", "10.0.0.1", 6)).is_empty(),
+            "same event replayed"
+        );
+        // Relabelled back in later: routable again.
+        assert_eq!(
+            routes(&ix.apply(pod("u1", "a", "sb", "10.0.0.1", 7))),
+            [("sb".into(), Some("10.0.0.1@u1".into()))]
+        );
+        // After a real delete, replays of anything up to it are ignored.
+        ix.delete("u1", 8);
+        assert!(ix.apply(pod("u1", "a", "sb", "10.0.0.1", 7)).is_empty());
+        assert!(ix.apply(pod("u1", "a", "sb", "10.0.0.1", 8)).is_empty());
     }
 
     #[test]
@@ -361,7 +407,7 @@ mod tests {
         let c = ix.apply(pod("u1", "a", "alice", "10.0.0.7", 11));
         assert_eq!(routes(&c), [("alice".into(), None)]);
         // Alice's delete finally arrives: bob keeps his route.
-        assert_eq!(routes(&ix.delete("u1")), [("alice".into(), None)]);
+        assert_eq!(routes(&ix.delete("u1", 30)), [("alice".into(), None)]);
         assert_eq!(
             routes(&ix.apply(pod("u2", "b", "bob", "10.0.0.7", 21))),
             [("bob".into(), Some("10.0.0.7@u2".into()))]
@@ -386,7 +432,7 @@ mod tests {
         assert_eq!(routes(&c), [("sb".into(), Some("10.0.0.1@u1".into()))]);
         // The winner goes away: the other takes over.
         assert_eq!(
-            routes(&ix.delete("u1")),
+            routes(&ix.delete("u1", 3)),
             [("sb".into(), Some("10.0.0.2@u2".into()))]
         );
     }
