@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check lint test clean
+.PHONY: all tools envoy build demo demo-check lint test clean bench bench-quick bench-micro bench-callgrind
 
 all: build
 
@@ -63,6 +63,32 @@ test: tools envoy lint
 	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory demo-check
+	$(MAKE) --no-print-directory bench-quick
+
+# What the gateway costs, side by side (BENCHMARKS.md): direct vs static-route Envoy vs module vs
+# ext_proc, interleaved rounds, release builds, Envoy pinned to CPU 0 and load on CPU 1.
+# Writes benches/results/{report.json,table.md,latency.svg}. Extra flags: BENCH_ARGS="--rounds 5".
+BENCH_ARGS ?=
+bench: envoy build
+	$(CARGO) build --release -p sandbox-gateway-bench
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
+	  target/release/sandbox-bench --out benches/results $(BENCH_ARGS)
+
+# Smoke test of the harness (part of `make test`): every variant and workload, tiny and short,
+# debug builds; fails on empty results or any error, never on a timing.
+bench-quick: envoy
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
+	  $(CARGO) run -q -p sandbox-gateway-bench -- --quick --no-progress --out target/bench-quick
+
+# Criterion micro benchmarks of the routing core (key extraction, ID validation, route lookup).
+bench-micro:
+	$(CARGO) bench -p sandbox-routing --bench routing
+
+# Deterministic cost: Envoy instructions per request under callgrind, static vs module.
+bench-callgrind: envoy build
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
+	benches/instructions_per_request.sh
 
 clean:
 	rm -rf .demo

@@ -1,4 +1,4 @@
-//! Command-line flags. Defaults give a full run of ~6-8 minutes on a 2-core machine; `--quick` is the
+//! Command-line flags. Defaults give a full run of ~5 minutes on a 2-core machine; `--quick` is the
 //! smoke test `make test` runs (tiny workloads, correctness only, never timing).
 
 use clap::Parser;
@@ -22,11 +22,11 @@ pub struct Args {
     pub rounds: u32,
 
     /// Measured seconds per (round, workload, variant).
-    #[arg(long, default_value = "3", value_parser = parse_secs)]
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
     pub duration: Duration,
 
     /// Unmeasured warm-up per (workload, variant), once before the first round.
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    #[arg(long, default_value = "0.5", value_parser = parse_secs)]
     pub warmup: Duration,
 
     /// Concurrent connections for the HTTP workloads (closed loop: one request in flight each).
