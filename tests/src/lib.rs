@@ -5,5 +5,6 @@ pub mod cases;
 pub mod client;
 pub mod envoy;
 pub mod extproc;
+pub mod fake_apiserver;
 pub mod gateway;
 pub mod sandbox;

@@ -1,0 +1,355 @@
+//! A small in-test Kubernetes API server that the real `kube` client and
+//! `kube::runtime::watcher` can list and watch Pods from (plain HTTP on 127.0.0.1).
+//!
+//! It is the test double for the gateway's Kubernetes route source, faithful where that source
+//! depends on it:
+//! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, with `labelSelector` (`key`,
+//!   `!key`, `key=value`, `key!=value`, comma conjunctions), `resourceVersion`,
+//!   `resourceVersionMatch`, `limit`/`continue` (no pagination: everything in one page),
+//!   `watch`, `allowWatchBookmarks`, `timeoutSeconds` and `sendInitialEvents`.
+//! - Every mutation bumps one global resourceVersion. Watches replay logged events newer than the
+//!   requested resourceVersion, then stream live ones, filtered like the API server's watch cache:
+//!   an update that makes an object stop matching the selector arrives as `DELETED`, one that
+//!   makes it start matching as `ADDED`.
+//! - A resourceVersion older than the compaction point gets an `ERROR` event with a 410
+//!   `Expired` Status, after which kube's watcher relists.
+//! - Test controls: [`FakeApiServer::drop_watches`] cuts watch streams mid-body,
+//!   [`FakeApiServer::stop`] / [`FakeApiServer::restart`] make the server unreachable and bring it
+//!   back on the same port with the same state.
+//!
+//! What kube 5's `watcher` (default `ListWatch`, `MostRecent`) sends, as checked by the tests:
+//! `GET /api/v1/pods?&labelSelector=…&limit=500` (no resourceVersion: a consistent read), then
+//! `GET /api/v1/pods?&watch=true&timeoutSeconds=290&labelSelector=…&allowWatchBookmarks=true&resourceVersion=<list rv>`.
+//! A watch cut mid-chunk ends quietly on kube's side (it maps "unexpected EOF during chunk" to a
+//! clean end) and the watcher re-watches from its last resourceVersion; only a 410 makes it relist.
+
+mod http;
+pub mod pods;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+pub use pods::{
+    fake_pod, set_annotation, set_deletion_timestamp, set_label, set_pod_ip, set_ready,
+    LabelSelector, PORT_ANNOTATION, SANDBOX_ID_LABEL, TOKEN_SHA256_ANNOTATION,
+};
+
+/// Server options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How often open watches that asked for bookmarks get a `BOOKMARK` event.
+    /// `Duration::ZERO` disables periodic bookmarks ([`FakeApiServer::send_bookmark`] still works).
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How many requests the server has answered, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// List requests answered with a PodList.
+    pub lists: u64,
+    /// Watch requests that opened a stream (including ones that only carried a 410 ERROR).
+    pub watches: u64,
+    /// Watch streams that started with a 410 `Expired` ERROR event.
+    pub expired: u64,
+    /// Requests rejected with an error Status (bad path, method, selector or parameters).
+    pub rejected: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One logged mutation: the object after it (for a delete: the final object) and before it.
+#[derive(Debug)]
+struct LogEntry {
+    rv: u64,
+    ty: EventType,
+    ns: String,
+    obj: Value,
+    prev: Option<Value>,
+}
+
+/// What open watch streams are told.
+#[derive(Clone, Debug)]
+enum Signal {
+    Event(Arc<LogEntry>),
+    Bookmark,
+    Drop,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches from a resourceVersion below this get 410 Expired.
+    compacted: u64,
+    pods: BTreeMap<(String, String), Value>,
+    log: Vec<Arc<LogEntry>>,
+    counts: RequestCounts,
+    requests: Vec<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    signals: broadcast::Sender<Signal>,
+    opts: Options,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not wedge every other connection.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Running {
+    accept: JoinHandle<()>,
+    /// Dropping or setting it closes every connection of this incarnation.
+    shutdown: watch::Sender<bool>,
+}
+
+/// Handle to a running fake API server. Dropping it stops the server.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    running: Mutex<Option<Running>>,
+}
+
+impl FakeApiServer {
+    /// Starts a server on an ephemeral 127.0.0.1 port with default options.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts a server on an ephemeral 127.0.0.1 port.
+    pub async fn start_with(opts: Options) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (signals, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            signals,
+            opts,
+        });
+        let server = Self {
+            shared,
+            addr,
+            running: Mutex::new(None),
+        };
+        server.serve(listener);
+        Ok(server)
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (shutdown, rx) = watch::channel(false);
+        let accept = tokio::spawn(http::accept_loop(listener, self.shared.clone(), rx));
+        let old = self.running().replace(Running { accept, shutdown });
+        if let Some(old) = old {
+            old.accept.abort();
+        }
+    }
+
+    fn running(&self) -> MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The listening address (stable across [`stop`](Self::stop)/[`restart`](Self::restart)).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A `kube::Config` pointing at this server (no TLS, no auth, default namespace `default`).
+    pub fn client_config(&self) -> kube::Config {
+        match self.url().parse() {
+            Ok(uri) => kube::Config::new(uri),
+            Err(e) => unreachable!("a socket address always makes a valid URI: {e}"),
+        }
+    }
+
+    /// A kube client for this server.
+    pub fn client(&self) -> kube::Result<kube::Client> {
+        kube::Client::try_from(self.client_config())
+    }
+
+    /// Writes a kubeconfig for this server (one cluster, one context, an empty user).
+    pub fn kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
+             cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            url = self.url()
+        );
+        std::fs::write(path, text)
+    }
+
+    /// Creates or updates a Pod (keyed by `metadata.namespace`/`metadata.name`); emits
+    /// `ADDED` or `MODIFIED`. An update keeps the stored `uid` and `creationTimestamp`, like
+    /// the API server. Returns the stored object with its new `resourceVersion`.
+    ///
+    /// # Panics
+    /// If the object has no `metadata.name` (a test bug, not a server path).
+    pub fn apply(&self, mut pod: Value) -> Value {
+        let name = pod["metadata"]["name"].as_str().map(str::to_string);
+        let name = name
+            .unwrap_or_else(|| panic!("fake_apiserver::apply: pod without metadata.name: {pod}"));
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let key = (ns.clone(), name);
+        let prev = st.pods.get(&key).cloned();
+        let meta = &mut pod["metadata"];
+        meta["namespace"] = json!(ns);
+        meta["resourceVersion"] = json!(rv.to_string());
+        if let Some(prev) = &prev {
+            meta["uid"] = prev["metadata"]["uid"].clone();
+            meta["creationTimestamp"] = prev["metadata"]["creationTimestamp"].clone();
+        } else if meta["uid"].as_str().is_none() {
+            meta["uid"] = json!(pods::new_uid());
+        }
+        st.pods.insert(key, pod.clone());
+        let ty = if prev.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        self.record(
+            &mut st,
+            LogEntry {
+                rv,
+                ty,
+                ns,
+                obj: pod.clone(),
+                prev,
+            },
+        );
+        pod
+    }
+
+    /// Deletes a Pod; emits `DELETED` with the final object (at a new resourceVersion).
+    /// Returns that object, or `None` if there was no such Pod.
+    pub fn delete(&self, ns: &str, name: &str) -> Option<Value> {
+        let mut st = self.shared.lock();
+        let prev = st.pods.remove(&(ns.to_string(), name.to_string()))?;
+        st.rv += 1;
+        let rv = st.rv;
+        let mut obj = prev.clone();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let entry = LogEntry {
+            rv,
+            ty: EventType::Deleted,
+            ns: ns.to_string(),
+            obj: obj.clone(),
+            prev: Some(prev),
+        };
+        self.record(&mut st, entry);
+        Some(obj)
+    }
+
+    fn record(&self, st: &mut State, entry: LogEntry) {
+        let entry = Arc::new(entry);
+        st.log.push(entry.clone());
+        // Sent under the lock so every watch sees events in resourceVersion order.
+        let _ = self.shared.signals.send(Signal::Event(entry));
+    }
+
+    /// The stored Pod, if any.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .pods
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock().rv
+    }
+
+    /// Moves the compaction point to the current resourceVersion: a watch from any older
+    /// resourceVersion gets a 410 `Expired` ERROR event. Open watches are not affected.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        st.compacted = st.rv;
+        let rv = st.rv;
+        st.log.retain(|e| e.rv > rv);
+    }
+
+    /// Sends a `BOOKMARK` now to every open watch that asked for bookmarks.
+    pub fn send_bookmark(&self) {
+        let _ = self.shared.signals.send(Signal::Bookmark);
+    }
+
+    /// Cuts every open watch stream abruptly (the chunked body ends without its terminator,
+    /// so the client sees a broken connection, not a clean end of stream).
+    pub fn drop_watches(&self) {
+        let _ = self.shared.signals.send(Signal::Drop);
+    }
+
+    /// Closes the listener and every open connection. New connections are refused until
+    /// [`restart`](Self::restart).
+    pub async fn stop(&self) {
+        let running = self.running().take();
+        if let Some(Running { accept, shutdown }) = running {
+            let _ = shutdown.send(true);
+            accept.abort();
+            let _ = accept.await;
+        }
+    }
+
+    /// Listens again on the same port with the same state (after [`stop`](Self::stop)).
+    pub async fn restart(&self) -> std::io::Result<()> {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr).await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// Requests served so far, by kind.
+    pub fn request_counts(&self) -> RequestCounts {
+        self.shared.lock().counts
+    }
+
+    /// Every request's path and query as received (percent-encoded), oldest first.
+    pub fn request_log(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(Running { accept, shutdown }) = self.running().take() {
+            let _ = shutdown.send(true);
+            accept.abort();
+        }
+    }
+}
