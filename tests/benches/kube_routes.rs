@@ -1,0 +1,214 @@
+//! Kubernetes route feed at scale (a benchmark, not a test): how long the initial list of 10k and
+//! 100k labelled pods takes to become a synced route table, how much memory each route costs, and
+//! how long a watch event takes to make a sandbox routable / unroutable (p50/p99 over 1000+).
+//!
+//! `cargo bench -p sandbox-gateway-tests --bench kube_routes [-- --sizes 10000,100000 --events 1000]`
+//!
+//! The fake API server runs in a child process (this binary with `--serve`), so the memory and
+//! CPU measured here are the route source's alone: kube client + watcher, PodIndex, route table.
+//! Memory is live heap bytes (a counting allocator), not RSS, so it is what stays after the list.
+
+use routing::config::{KubeSourceConfig, RouteSourceConfig};
+use routing::file_source::SourceStats;
+use routing::RouteTable;
+use sandbox_gateway_tests::fake_apiserver::pods::{fake_pod, set_ready};
+use sandbox_gateway_tests::fake_apiserver::FakeApiServer;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
+}
+
+/// Child: a fake API server with `n` ready pods; prints its port, then applies commands from
+/// stdin (`add <i>`, `unready <i>`) so the parent can time propagation.
+async fn serve(n: usize) {
+    let api = FakeApiServer::start().await.expect("fake API server");
+    for i in 0..n {
+        api.apply(fake_pod(
+            "bench",
+            &format!("p{i}"),
+            Some(&format!("sb{i}")),
+            Some(&pod_ip(i)),
+            true,
+        ));
+    }
+    println!("{}", api.addr().port());
+    let stdin = BufReader::new(std::io::stdin());
+    let mut lines = stdin.lines();
+    while let Some(Ok(line)) = tokio::task::block_in_place(|| lines.next()) {
+        let mut parts = line.split_whitespace();
+        let (cmd, i) = (
+            parts.next().unwrap_or(""),
+            parts
+                .next()
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(0),
+        );
+        let mut p = fake_pod(
+            "bench",
+            &format!("p{i}"),
+            Some(&format!("sb{i}")),
+            Some(&pod_ip(i)),
+            true,
+        );
+        if cmd == "unready" {
+            if let Some(existing) = api.get("bench", &format!("p{i}")) {
+                p = existing;
+            }
+            set_ready(&mut p, false);
+        }
+        api.apply(p);
+    }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Some(i) = args.iter().position(|a| a == "--serve") {
+        let n = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        rt.block_on(serve(n));
+        return;
+    }
+    let flag = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.into())
+    };
+    let sizes: Vec<usize> = flag("--sizes", "10000,100000")
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let events: usize = flag("--events", "1000").parse().unwrap_or(1000);
+    let exe = std::env::current_exe().expect("own path");
+    println!(
+        "{:>8} {:>14} {:>16} {:>14}",
+        "routes", "initial list", "heap/route", "heap total"
+    );
+    let mut last = None;
+    for &n in &sizes {
+        let mut child = Command::new(&exe)
+            .args(["--serve", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fake API server");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut port = String::new();
+        out.read_line(&mut port).expect("port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: http://127.0.0.1:{}\nusers:\n- name: b\n  user: {{}}\ncontexts:\n- name: b\n  context:\n    cluster: b\n    user: b\ncurrent-context: b\n",
+            port.trim()
+        )).expect("kubeconfig");
+        let cfg = RouteSourceConfig::Kubernetes(KubeSourceConfig {
+            namespaces: vec![],
+            label: routing::config::SANDBOX_ID_LABEL.into(),
+            kubeconfig: Some(kubeconfig),
+            default_port: 8080,
+        });
+        let before = LIVE.load(Ordering::Relaxed);
+        let table = Arc::new(RouteTable::new());
+        let t0 = Instant::now();
+        routing::source::start(
+            &cfg,
+            Arc::clone(&table),
+            Arc::new(SourceStats::default()),
+            rt.handle(),
+        )
+        .expect("start");
+        while !table.is_synced() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let list_time = t0.elapsed();
+        table.sync();
+        assert_eq!(table.len() as usize, n, "every pod must be a route");
+        // Let the list's transient buffers go before counting what stays.
+        std::thread::sleep(Duration::from_millis(500));
+        let heap = LIVE.load(Ordering::Relaxed) - before;
+        println!(
+            "{n:>8} {:>12.0}ms {:>14}B {:>12.1}MB",
+            list_time.as_secs_f64() * 1e3,
+            heap / n as isize,
+            heap as f64 / 1e6
+        );
+        if let Some((_, mut c, _)) = last.replace((table, child, dir)) {
+            let _ = c.kill();
+        }
+    }
+    // Propagation over the last (largest) table.
+    let Some((table, mut child, _dir)) = last else {
+        return;
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    let base = 10_000_000;
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for k in 0..events {
+        let i = base + k;
+        let id = format!("sb{i}");
+        let t = Instant::now();
+        writeln!(stdin, "add {i}").expect("command");
+        while table.get(&id).is_none() {
+            std::hint::spin_loop();
+        }
+        up.push(t.elapsed());
+        let t = Instant::now();
+        writeln!(stdin, "unready {i}").expect("command");
+        while table.get(&id).is_some() {
+            std::hint::spin_loop();
+        }
+        down.push(t.elapsed());
+    }
+    let _ = child.kill();
+    println!(
+        "propagation over {events} events (API server apply → route table), table of {} routes:",
+        table.len()
+    );
+    println!(
+        "  to routable:   p50 {:?}  p99 {:?}  max {:?}",
+        pct(&mut up, 0.5),
+        pct(&mut up, 0.99),
+        pct(&mut up, 1.0)
+    );
+    println!(
+        "  to unroutable: p50 {:?}  p99 {:?}  max {:?}",
+        pct(&mut down, 0.5),
+        pct(&mut down, 0.99),
+        pct(&mut down, 1.0)
+    );
+}
