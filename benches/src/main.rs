@@ -30,7 +30,16 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = cli::Args::parse().resolve();
+    let mut args = cli::Args::parse().resolve();
+    // A machine with fewer CPUs than the pinning asks for runs unpinned rather than failing.
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !args.no_pin && (args.envoy_cpus.iter().chain(&args.load_cpus)).any(|&c| c >= ncpu) {
+        warn!(
+            ncpu,
+            "not enough CPUs for --envoy-cpus/--load-cpus: running unpinned"
+        );
+        args.no_pin = true;
+    }
 
     // Decided before any thread exists: the env var is read by the Envoy launcher.
     let module_dir = module_dir(&args);

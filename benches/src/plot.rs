@@ -117,12 +117,14 @@ fn throughput_panel<DB: DrawingBackend>(
     summaries: &[Summary],
     workloads: &[&str],
 ) -> Result<()> {
+    // Direct is left out: it is many times the proxies' rate and would flatten their bars.
     let kinds: Vec<VariantKind> = VariantKind::ALL
         .into_iter()
-        .filter(|k| summaries.iter().any(|s| s.variant == *k))
+        .filter(|k| *k != VariantKind::Direct && summaries.iter().any(|s| s.variant == *k))
         .collect();
     let ymax = summaries
         .iter()
+        .filter(|s| s.variant != VariantKind::Direct)
         .filter_map(|s| s.ops_ratio)
         .fold(1.0, f64::max)
         * 1.45;
