@@ -38,20 +38,20 @@ pub enum KubeSourceError {
 
 /// How to reach the API server, resolved at config load so a bad kubeconfig fails the config.
 pub enum Access {
-    Kubeconfig(kube::config::Kubeconfig),
-    InCluster(kube::Config),
+    Kubeconfig(Box<kube::config::Kubeconfig>),
+    InCluster(Box<kube::Config>),
 }
 
 pub fn access(cfg: &KubeSourceConfig) -> Result<Access, KubeSourceError> {
     match &cfg.kubeconfig {
         Some(path) => kube::config::Kubeconfig::read_from(path)
-            .map(Access::Kubeconfig)
+            .map(|k| Access::Kubeconfig(Box::new(k)))
             .map_err(|source| KubeSourceError::Kubeconfig {
                 path: path.display().to_string(),
                 source,
             }),
         None => kube::Config::incluster()
-            .map(Access::InCluster)
+            .map(|c| Access::InCluster(Box::new(c)))
             .map_err(KubeSourceError::InCluster),
     }
 }
@@ -156,9 +156,9 @@ pub async fn run(
 ) {
     let client = loop {
         let config = match &access {
-            Access::InCluster(c) => Ok(c.clone()),
+            Access::InCluster(c) => Ok((**c).clone()),
             Access::Kubeconfig(kc) => {
-                kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await
+                kube::Config::from_custom_kubeconfig((**kc).clone(), &Default::default()).await
             }
         };
         match config

@@ -57,11 +57,14 @@ pub struct IndexStats {
 
 const MAX_TOMBSTONES: usize = 100_000;
 
+/// (creation time, namespace/name, uid): the order in which claimants win.
+type Claim = (i64, Arc<str>, Arc<str>);
+
 #[derive(Default)]
 pub struct PodIndex {
     pods: HashMap<Arc<str>, PodInfo>,
     /// sandbox id → claimants, ordered by the conflict rule.
-    claims: HashMap<String, BTreeSet<(i64, Arc<str>, Arc<str>)>>,
+    claims: HashMap<String, BTreeSet<Claim>>,
     /// IP → (resourceVersion, uid) of its newest claimant.
     ip_owner: HashMap<IpAddr, (u64, Arc<str>)>,
     /// Pods we stopped tracking: uid → the resourceVersion of their removal. Only newer events
@@ -235,6 +238,28 @@ impl PodIndex {
         (pod.routable() && owns_ip).then_some(pod)
     }
 
+    fn pending(&self, uid: &str) -> Option<&PodInfo> {
+        let pod = self.pods.get(uid)?;
+        let fenced = pod
+            .ip
+            .and_then(|ip| self.ip_owner.get(&ip))
+            .is_some_and(|(_, owner)| **owner != *uid);
+        (!pod.deleting && !fenced).then_some(pod)
+    }
+
+    fn spec(&self, id: &str, pod: &PodInfo, ready: bool) -> RouteSpec {
+        RouteSpec {
+            id: id.to_string(),
+            // Never used when not ready: the request path answers 503 before forwarding.
+            ip: pod.ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            port: pod.port,
+            ready,
+            token_sha256: pod.token_sha256,
+            pod_uid: Some(Arc::clone(&pod.uid)),
+            resource_version: pod.resource_version,
+        }
+    }
+
     /// The route each touched sandbox ID should have now.
     fn recompute(&mut self, mut ids: Vec<String>) -> Vec<Change> {
         ids.sort();
@@ -254,16 +279,14 @@ impl PodIndex {
             }
             let conflict = live.len() > 1;
             let change = match live.first() {
-                None => Change::Remove(id),
-                Some(winner) => Change::Upsert(RouteSpec {
-                    id: id.clone(),
-                    ip: winner.ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                    port: winner.port,
-                    ready: true,
-                    token_sha256: winner.token_sha256,
-                    pod_uid: Some(Arc::clone(&winner.uid)),
-                    resource_version: winner.resource_version,
-                }),
+                Some(winner) => Change::Upsert(self.spec(&id, winner, true)),
+                // A labelled pod that is coming up (no IP yet, not Ready) still makes the sandbox
+                // known: 503 + Retry-After, not 404. Terminating pods and pods whose IP now
+                // belongs to another pod do not.
+                None => match claimants.iter().find_map(|u| self.pending(u)) {
+                    Some(p) => Change::Upsert(self.spec(&id, p, false)),
+                    None => Change::Remove(id),
+                },
             };
             if conflict {
                 self.stats.conflicts += 1;
@@ -300,7 +323,12 @@ mod tests {
             .map(|c| match c {
                 Change::Upsert(s) => (
                     s.id.clone(),
-                    Some(format!("{}@{}", s.ip, s.pod_uid.as_deref().unwrap_or(""))),
+                    Some(format!(
+                        "{}@{}{}",
+                        s.ip,
+                        s.pod_uid.as_deref().unwrap_or(""),
+                        if s.ready { "" } else { " not-ready" }
+                    )),
                 ),
                 Change::Remove(id) => (id.clone(), None),
             })
@@ -310,13 +338,23 @@ mod tests {
     #[test]
     fn ready_pod_routes_and_loses_it_on_not_ready_deleting_or_delete() {
         let mut ix = PodIndex::default();
+        // Coming up: known, not ready (503 on the request path), before it has an IP.
+        let mut p = pod("u1", "a", "sb", "10.0.0.1", 1);
+        (p.ip, p.ready) = (None, false);
+        assert_eq!(
+            routes(&ix.apply(p)),
+            [("sb".into(), Some("0.0.0.0@u1 not-ready".into()))]
+        );
         assert_eq!(
             routes(&ix.apply(pod("u1", "a", "sb", "10.0.0.1", 1))),
             [("sb".into(), Some("10.0.0.1@u1".into()))]
         );
         let mut p = pod("u1", "a", "sb", "10.0.0.1", 2);
         p.ready = false;
-        assert_eq!(routes(&ix.apply(p)), [("sb".into(), None)]);
+        assert_eq!(
+            routes(&ix.apply(p)),
+            [("sb".into(), Some("10.0.0.1@u1 not-ready".into()))]
+        );
         ix.apply(pod("u1", "a", "sb", "10.0.0.1", 3));
         let mut p = pod("u1", "a", "sb", "10.0.0.1", 4);
         p.deleting = true;

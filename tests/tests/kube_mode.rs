@@ -97,6 +97,17 @@ async fn pod_lifecycle_drives_routes() -> Result<()> {
         .await
         .context("step 1")?;
 
+    // A claimed sandbox whose pod has no IP yet is "not ready", not "not found".
+    let mut pending = fake_pod("team", "alpha-0", Some("alpha"), None, false);
+    set_annotation(
+        &mut pending,
+        PORT_ANNOTATION,
+        Some(&sb.addr.port().to_string()),
+    );
+    api.apply(pending);
+    eventually(&gw, "alpha", "503 sandbox_not_ready")
+        .await
+        .context("pending")?;
     let p = api.apply(pod_for("team", "alpha-0", "alpha", &sb, true));
     eventually(&gw, "alpha", "alpha-pod")
         .await
@@ -105,7 +116,8 @@ async fn pod_lifecycle_drives_routes() -> Result<()> {
     let mut q = p.clone();
     set_ready(&mut q, false);
     let q = api.apply(q);
-    eventually(&gw, "alpha", "404 sandbox_not_found")
+    // Known but not ready: 503 + Retry-After, not 404.
+    eventually(&gw, "alpha", "503 sandbox_not_ready")
         .await
         .context("step 3")?;
 
