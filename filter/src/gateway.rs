@@ -44,10 +44,12 @@ pub struct Metrics {
     routes: MetricId,
     routes_synced: MetricId,
     /// Counters kept as cumulative atomics by background code, published as deltas.
-    cumulative: [(MetricId, fn(&SourceStats) -> u64); CUMULATIVE],
+    cumulative: [(MetricId, ReadStat); CUMULATIVE],
 }
 
 const CUMULATIVE: usize = 8;
+
+type ReadStat = fn(&SourceStats) -> u64;
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
@@ -223,7 +225,9 @@ mod tests {
         let gate = HoldGate {
             active: Arc::new(AtomicU64::new(0)),
         };
-        let permits: Vec<_> = (0..MAX_HOLDS).map(|_| gate.try_acquire().unwrap()).collect();
+        let permits: Vec<_> = (0..MAX_HOLDS)
+            .map(|_| gate.try_acquire().unwrap())
+            .collect();
         assert!(gate.try_acquire().is_none());
         assert_eq!(gate.active.load(Ordering::Relaxed), MAX_HOLDS);
         drop(permits);
