@@ -37,6 +37,7 @@ case!(sse_streams_without_buffering);
 case!(routes_hot_reload);
 case!(miss_hold_waits_for_a_late_route);
 case!(hostile_input_gets_400);
+case!(open_websocket_survives_route_removal);
 
 async fn sandbox(name: &str) -> anyhow::Result<SandboxServer> {
     SandboxServer::start(name, "127.0.0.1:0".parse()?).await
