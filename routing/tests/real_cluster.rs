@@ -31,5 +31,9 @@ fn syncs_labelled_pods_from_the_current_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
     table.sync();
-    println!("synced {} sandbox routes; ids: {:?}", table.len(), table.ids());
+    println!(
+        "synced {} sandbox routes; ids: {:?}",
+        table.len(),
+        table.ids()
+    );
 }

@@ -549,7 +549,10 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
 /// own sockets).
 pub async fn open_websocket_survives_route_removal(start: &Starter) -> Result<()> {
     let sb = sandboxes(&["ws"]).await?;
-    let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({"miss_hold_ms": 0}))?;
+    let gw = start(
+        &[RouteEntry::new("alpha", sb[0].addr)],
+        json!({"miss_hold_ms": 0}),
+    )?;
     let a = gw.addr();
     let mut req = format!("ws://{a}/live").into_client_request()?;
     req.headers_mut().insert("x-sandbox-id", "alpha".parse()?);
@@ -567,7 +570,10 @@ pub async fn open_websocket_survives_route_removal(start: &Starter) -> Result<()
     ensure!(ws.next().await.context("closed")??.to_text()? == "after");
     let mut req = format!("ws://{a}/live").into_client_request()?;
     req.headers_mut().insert("x-sandbox-id", "alpha".parse()?);
-    ensure!(tokio_tungstenite::connect_async(req).await.is_err(), "new sessions are refused");
+    ensure!(
+        tokio_tungstenite::connect_async(req).await.is_err(),
+        "new sessions are refused"
+    );
     ws.close(None).await?;
     Ok(())
 }
