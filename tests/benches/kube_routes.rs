@@ -173,6 +173,7 @@ fn main() {
             last = Some((table, child, dir));
         } else {
             let _ = child.kill();
+            let _ = child.wait();
         }
     }
     // Propagation over the first table.
@@ -200,6 +201,7 @@ fn main() {
         down.push(t.elapsed());
     }
     let _ = child.kill();
+    let _ = child.wait();
     println!(
         "propagation over {events} events (API server apply → route table), table of {} routes:",
         table.len()

@@ -18,9 +18,49 @@ use tokio_tungstenite::tungstenite::Message;
 /// A running gateway in some mode.
 pub trait GatewayUnderTest: Send + Sync {
     fn addr(&self) -> SocketAddr;
-    fn set_routes(&self, routes: &[RouteEntry]) -> Result<()>;
-    /// Overwrites the routes file with arbitrary bytes (a bad edit).
-    fn write_routes_raw(&self, bytes: &[u8]) -> Result<()>;
+    /// The routes file this gateway's route source reads.
+    fn routes_path(&self) -> &std::path::Path;
+    fn set_routes(&self, routes: &[RouteEntry]) -> Result<()> {
+        crate::gateway::write_routes(self.routes_path(), routes)
+    }
+    /// Overwrites the routes file with arbitrary bytes (a bad edit), atomically.
+    fn write_routes_raw(&self, bytes: &[u8]) -> Result<()> {
+        let path = self.routes_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+/// Defines one `#[tokio::test]` per shared case, each starting its gateway with `$starter`
+/// (a `fn(&[RouteEntry], Value) -> Result<Box<dyn GatewayUnderTest>>`). Every mode's test file
+/// invokes this once, so a new case runs in every mode.
+#[macro_export]
+macro_rules! shared_cases {
+    ($starter:path) => {
+        $crate::shared_cases!(@each $starter;
+            header_host_and_path_routing,
+            local_replies_are_json,
+            client_cannot_choose_the_upstream,
+            websocket_through_the_gateway,
+            sse_streams_without_buffering,
+            routes_hot_reload,
+            miss_hold_waits_for_a_late_route,
+            hostile_input_gets_400,
+            open_websocket_survives_route_removal,
+        );
+    };
+    (@each $starter:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if let Err(e) = $crate::cases::$name(&$starter).await {
+                    panic!("{e:#}");
+                }
+            }
+        )*
+    };
 }
 
 /// Starts a gateway of the mode under test with these routes and config overrides.

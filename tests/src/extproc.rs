@@ -256,14 +256,8 @@ impl crate::cases::GatewayUnderTest for ExtProcGateway {
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
     }
-    fn set_routes(&self, routes: &[RouteEntry]) -> Result<()> {
-        write_routes(&self.routes_path, routes)
-    }
-    fn write_routes_raw(&self, bytes: &[u8]) -> Result<()> {
-        let tmp = self.routes_path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &self.routes_path)?;
-        Ok(())
+    fn routes_path(&self) -> &Path {
+        &self.routes_path
     }
 }
 

@@ -3,7 +3,7 @@
 //! (`sandbox_gateway_tests::cases`), unchanged.
 
 use anyhow::{ensure, Context};
-use sandbox_gateway_tests::cases::{self, GatewayUnderTest};
+use sandbox_gateway_tests::cases::GatewayUnderTest;
 use sandbox_gateway_tests::client;
 use sandbox_gateway_tests::extproc::ExtProcGateway;
 use sandbox_gateway_tests::gateway::RouteEntry;
@@ -18,26 +18,7 @@ fn extproc_mode(
     Ok(Box::new(ExtProcGateway::start(routes, overrides)?))
 }
 
-macro_rules! case {
-    ($name:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            if let Err(e) = cases::$name(&extproc_mode).await {
-                panic!("{e:#}");
-            }
-        }
-    };
-}
-
-case!(header_host_and_path_routing);
-case!(local_replies_are_json);
-case!(client_cannot_choose_the_upstream);
-case!(websocket_through_the_gateway);
-case!(sse_streams_without_buffering);
-case!(routes_hot_reload);
-case!(miss_hold_waits_for_a_late_route);
-case!(hostile_input_gets_400);
-case!(open_websocket_survives_route_removal);
+sandbox_gateway_tests::shared_cases!(extproc_mode);
 
 async fn sandbox(name: &str) -> anyhow::Result<SandboxServer> {
     SandboxServer::start(name, "127.0.0.1:0".parse()?).await

@@ -1,7 +1,7 @@
 //! End-to-end: the real Envoy 1.40 with libsandbox_gateway.so, real sockets, real WebSocket and
 //! SSE clients. The cases live in `sandbox_gateway_tests::cases` (shared across modes).
 
-use sandbox_gateway_tests::cases::{self, GatewayUnderTest};
+use sandbox_gateway_tests::cases::GatewayUnderTest;
 use sandbox_gateway_tests::envoy::{Envoy, EnvoyOptions};
 use sandbox_gateway_tests::gateway::{bootstrap, write_routes, FilterGateway, RouteEntry};
 use serde_json::{json, Value};
@@ -13,26 +13,7 @@ fn filter_mode(
     Ok(Box::new(FilterGateway::start(routes, overrides)?))
 }
 
-macro_rules! case {
-    ($name:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            if let Err(e) = cases::$name(&filter_mode).await {
-                panic!("{e:#}");
-            }
-        }
-    };
-}
-
-case!(header_host_and_path_routing);
-case!(local_replies_are_json);
-case!(client_cannot_choose_the_upstream);
-case!(websocket_through_the_gateway);
-case!(sse_streams_without_buffering);
-case!(routes_hot_reload);
-case!(miss_hold_waits_for_a_late_route);
-case!(hostile_input_gets_400);
-case!(open_websocket_survives_route_removal);
+sandbox_gateway_tests::shared_cases!(filter_mode);
 
 /// The Envoy process survives everything above and keeps its routes across reloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
