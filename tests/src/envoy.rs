@@ -116,6 +116,18 @@ pub struct EnvoyOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl EnvoyOptions {
+    /// One worker, the `sandboxes` listener, no extra environment: what most callers want.
+    pub fn sandboxes(bootstrap: String) -> Self {
+        EnvoyOptions {
+            bootstrap,
+            concurrency: 1,
+            listener_name: "sandboxes".into(),
+            env: vec![],
+        }
+    }
+}
+
 impl Envoy {
     pub fn start(opts: EnvoyOptions) -> Result<Envoy> {
         let (mut child, dir, log_path) = spawn(&opts)?;

@@ -2,7 +2,7 @@
 //! it), and a gateway in ext_proc mode (Envoy with `envoy/extproc.yaml.tmpl` talking to it).
 
 use crate::envoy::{render, repo_root, Envoy, EnvoyOptions};
-use crate::gateway::{default_filter_config, write_routes, RouteEntry};
+use crate::gateway::RouteEntry;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -227,22 +227,14 @@ pub struct ExtProcGateway {
 impl ExtProcGateway {
     /// Same defaults and overrides as `FilterGateway::start`, applied to sandbox-extproc's config.
     pub fn start(routes: &[RouteEntry], overrides: Value) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let routes_path = dir.path().join("routes.json");
-        write_routes(&routes_path, routes)?;
-        let mut cfg = default_filter_config(&routes_path);
-        if let (Some(c), Some(o)) = (cfg.as_object_mut(), overrides.as_object()) {
-            for (k, v) in o {
-                c.insert(k.clone(), v.clone());
-            }
-        }
+        let (dir, routes_path, cfg) = crate::gateway::scratch_config(routes, overrides)?;
         let extproc = ExtProc::start(&cfg, &[])?;
-        let envoy = Envoy::start(EnvoyOptions {
-            bootstrap: extproc_bootstrap(0, 0, extproc.extproc, message_timeout(&cfg))?,
-            concurrency: 1,
-            listener_name: "sandboxes".into(),
-            env: vec![],
-        })?;
+        let envoy = Envoy::start(EnvoyOptions::sandboxes(extproc_bootstrap(
+            0,
+            0,
+            extproc.extproc,
+            message_timeout(&cfg),
+        )?))?;
         Ok(ExtProcGateway {
             envoy,
             extproc,

@@ -75,6 +75,24 @@ pub fn bootstrap(filter_config: &Value, admin_port: u16, listen_port: u16) -> Re
     )
 }
 
+/// A scratch dir with a routes file holding `routes`, and the default config for it with
+/// `overrides` merged in (shared by every mode's fixture).
+pub fn scratch_config(
+    routes: &[RouteEntry],
+    overrides: Value,
+) -> Result<(tempfile::TempDir, PathBuf, Value)> {
+    let dir = tempfile::tempdir()?;
+    let routes_path = dir.path().join("routes.json");
+    write_routes(&routes_path, routes)?;
+    let mut cfg = default_filter_config(&routes_path);
+    if let (Some(c), Some(o)) = (cfg.as_object_mut(), overrides.as_object()) {
+        for (k, v) in o {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    Ok((dir, routes_path, cfg))
+}
+
 pub struct FilterGateway {
     pub envoy: Envoy,
     pub routes_path: PathBuf,
@@ -84,21 +102,8 @@ pub struct FilterGateway {
 impl FilterGateway {
     /// Starts Envoy with `routes` and the default config with `overrides` merged in.
     pub fn start(routes: &[RouteEntry], overrides: Value) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let routes_path = dir.path().join("routes.json");
-        write_routes(&routes_path, routes)?;
-        let mut cfg = default_filter_config(&routes_path);
-        if let (Some(c), Some(o)) = (cfg.as_object_mut(), overrides.as_object()) {
-            for (k, v) in o {
-                c.insert(k.clone(), v.clone());
-            }
-        }
-        let envoy = Envoy::start(EnvoyOptions {
-            bootstrap: bootstrap(&cfg, 0, 0)?,
-            concurrency: 1,
-            listener_name: "sandboxes".into(),
-            env: vec![],
-        })?;
+        let (dir, routes_path, cfg) = scratch_config(routes, overrides)?;
+        let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&cfg, 0, 0)?))?;
         Ok(FilterGateway {
             envoy,
             routes_path,

@@ -448,12 +448,7 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     cfg["route_source"]["kubeconfig"] = json!(kubeconfig);
     *module_config_mut(&mut b) = json!(cfg.to_string());
 
-    let opts = EnvoyOptions {
-        bootstrap: b.to_string(),
-        concurrency: 1,
-        listener_name: "sandboxes".into(),
-        env: vec![],
-    };
+    let opts = EnvoyOptions::sandboxes(b.to_string());
     let envoy = tokio::task::spawn_blocking(move || Envoy::start(opts))
         .await
         .unwrap()

@@ -56,12 +56,9 @@ async fn sandboxes_one() -> sandbox_gateway_tests::sandbox::SandboxServer {
 }
 
 fn rejected(filter_config: Value) -> String {
-    let (status, log) = Envoy::expect_rejected(EnvoyOptions {
-        bootstrap: bootstrap(&filter_config, 0, 0).unwrap(),
-        concurrency: 1,
-        listener_name: "sandboxes".into(),
-        env: vec![],
-    })
+    let (status, log) = Envoy::expect_rejected(EnvoyOptions::sandboxes(
+        bootstrap(&filter_config, 0, 0).unwrap(),
+    ))
     .unwrap();
     assert!(
         !status.success(),

@@ -31,12 +31,7 @@ impl KubeGateway {
             "route_source": {"type": "kubernetes", "kubeconfig": kubeconfig},
             "miss_hold_ms": 200
         });
-        let envoy = Envoy::start(EnvoyOptions {
-            bootstrap: bootstrap(&cfg, 0, 0)?,
-            concurrency: 1,
-            listener_name: "sandboxes".into(),
-            env: vec![],
-        })?;
+        let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&cfg, 0, 0)?))?;
         Ok(KubeGateway { envoy, _dir: dir })
     }
 
