@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check lint test clean bench bench-quick bench-micro bench-callgrind
+.PHONY: all tools envoy build demo demo-check lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
 
 all: build
 
@@ -87,8 +87,11 @@ bench-micro:
 
 # Deterministic cost: Envoy instructions per request under callgrind, static vs module.
 bench-callgrind: envoy build
-	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 	benches/instructions_per_request.sh
+
+# Quick cross-check with wrk: module vs static route, interleaved rounds (issue 2's figures).
+bench-wrk: envoy build
+	benches/filter_vs_static.sh
 
 clean:
 	rm -rf .demo

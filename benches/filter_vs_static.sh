@@ -2,9 +2,10 @@
 # Throughput and p99 of Envoy + libsandbox_gateway.so against a plain static-route Envoy, in one
 # run, interleaved (S M S M ...) so machine drift hits both alike. Envoy is pinned to CPU 0 with one
 # worker; wrk and the upstream share CPU 1. Usage: benches/filter_vs_static.sh [rounds] [seconds]
-# Needs: make envoy, a release build (make build), wrk (apt-get install wrk).
+# Needs: make envoy and a release build (`make bench-wrk` does both); installs wrk if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 ROUNDS=${1:-3}; SECS=${2:-10}; CONNS=${CONNS:-32}
 ENVOY=$(ls .venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)
 UP_PORT=18181; S_PORT=18280; S_ADMIN=18281; M_PORT=18290; M_ADMIN=18291

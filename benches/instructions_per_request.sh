@@ -2,9 +2,10 @@
 # Deterministic cost of the module: Envoy's executed instructions per request (valgrind callgrind),
 # static route vs module, for the same N keep-alive GETs. Unlike wall-clock load tests this does
 # not move with machine noise, so it shows where the module's cost is and whether a change helps.
-# Usage: benches/instructions_per_request.sh [requests]   (needs valgrind, a release build, make envoy)
+# Usage: benches/instructions_per_request.sh [requests]   (`make bench-callgrind`; installs valgrind if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
 N=${1:-2000}
 ENVOY=$(ls .venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)
 UP_PORT=18381
