@@ -69,8 +69,8 @@ test: tools envoy lint
 # ext_proc, interleaved rounds, release builds, Envoy pinned to CPU 0 and load on CPU 1.
 # Writes benches/results/{report.json,table.md,latency.svg}. Extra flags: BENCH_ARGS="--rounds 5".
 BENCH_ARGS ?=
-bench: envoy build
-	$(CARGO) build --release -p sandbox-gateway-bench
+bench: envoy
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-extproc -p sandbox-gateway-bench
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
 	  target/release/sandbox-bench --out benches/results $(BENCH_ARGS)
 

@@ -3,6 +3,7 @@
 # static route vs module, for the same N keep-alive GETs. Unlike wall-clock load tests this does
 # not move with machine noise, so it shows where the module's cost is and whether a change helps.
 # Usage: benches/instructions_per_request.sh [requests]   (`make bench-callgrind`; installs valgrind if missing)
+# MODULE_DIR=dir measures the libsandbox_gateway.so in dir (default target/release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -28,7 +29,7 @@ render envoy/gateway.yaml.tmpl "$work/module.yaml" ADMIN_PORT=18393 LISTEN_PORT=
 
 measure() { # variant yaml port
   local out="$work/cg.$1"
-  ENVOY_DYNAMIC_MODULES_SEARCH_PATH=target/release SANDBOX_GATEWAY_LOG=warn \
+  ENVOY_DYNAMIC_MODULES_SEARCH_PATH="${MODULE_DIR:-target/release}" SANDBOX_GATEWAY_LOG=warn \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.%p" \
     "$ENVOY" -c "$2" --concurrency 1 --disable-hot-restart -l error > "$work/$1.log" 2>&1 &
   local pid=$!
