@@ -4,7 +4,11 @@
 # worker; wrk and the upstream share CPU 1. Usage: benches/filter_vs_static.sh [rounds] [seconds]
 # Needs: make envoy and a release build (`make bench-wrk` does both); installs wrk if missing.
 set -euo pipefail
+shopt -s inherit_errexit  # a failed request inside $(measure ...) must stop the script
 cd "$(dirname "$0")/.."
+for bin in target/release/demo-sandbox target/release/libsandbox_gateway.so; do
+  [ -e "$bin" ] || { echo "$bin missing: run 'make build' first" >&2; exit 1; }
+done
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 ROUNDS=${1:-3}; SECS=${2:-10}; CONNS=${CONNS:-32}
 ENVOY=$(ls .venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)

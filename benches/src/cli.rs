@@ -18,11 +18,12 @@ pub struct Args {
     pub quick: bool,
 
     /// Interleaved rounds (A B C A B C ...); the report shows the median over rounds.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: u32,
 
-    /// Measured seconds per (round, workload, variant).
-    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    /// Measured seconds per (round, workload, variant). Many short rounds beat a few long ones
+    /// on a noisy machine: ratios are paired per round and their median is reported.
+    #[arg(long, default_value = "1.2", value_parser = parse_secs)]
     pub duration: Duration,
 
     /// Unmeasured warm-up per (workload, variant), once before the first round.

@@ -159,6 +159,7 @@ async fn run(args: cli::Args) -> Result<()> {
         }
     }
 
+    let cpu_at_start = procfs::CpuTimes::now()?;
     let mut cells: Vec<Cell> = workloads
         .iter()
         .flat_map(|w| started.iter().map(|v| Cell::new(&w.name, w.unit, v.kind)))
@@ -184,6 +185,8 @@ async fn run(args: cli::Args) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    // On a shared VM the hypervisor's steal is the main source of noise: say how much there was.
+    let steal_percent = cpu_at_start.steal_percent_until(procfs::CpuTimes::now()?);
 
     let memory: Vec<Memory> = started
         .iter()
@@ -198,7 +201,11 @@ async fn run(args: cli::Args) -> Result<()> {
         })
         .collect();
     let summaries = report::summarize(&cells);
-    let table = report::table(&summaries, &memory);
+    let table = format!(
+        "{}\nCPU steal during the measured rounds: {steal_percent:.1}% of all CPU time (a VM's \
+         CPUs waiting for the hypervisor; high steal means noisy wall-clock numbers).\n",
+        report::table(&summaries, &memory)
+    );
     println!("{table}");
 
     std::fs::create_dir_all(&args.out)?;
@@ -206,6 +213,7 @@ async fn run(args: cli::Args) -> Result<()> {
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": procfs::cpu_model(),
         "module_dir": std::env::var("SANDBOX_GATEWAY_MODULE_DIR").unwrap_or_default(),
+        "cpu_steal_percent": steal_percent,
     });
     let json = serde_json::json!({
         "machine": machine,

@@ -125,11 +125,14 @@ fn throughput_panel<DB: DrawingBackend>(
     let ymax = summaries
         .iter()
         .filter(|s| s.variant != VariantKind::Direct)
-        .filter_map(|s| s.ops_ratio)
+        .filter_map(|s| s.ops_ratio.map(|r| r.max))
         .fold(1.0, f64::max)
         * 1.45;
     let mut chart = ChartBuilder::on(area)
-        .caption("throughput ÷ static", ("sans-serif", 15))
+        .caption(
+            "throughput ÷ static (median of paired rounds; whisker: range)",
+            ("sans-serif", 15),
+        )
         .margin(8)
         .x_label_area_size(90)
         .y_label_area_size(52)
@@ -165,16 +168,24 @@ fn throughput_panel<DB: DrawingBackend>(
                 .iter()
                 .find(|s| s.workload == *wl && s.variant == *kind)?;
             let x0 = w_i as f64 + 0.1 + k_i as f64 * width;
-            Some(Rectangle::new(
-                [(x0, 0.0), (x0 + width * 0.9, s.ops_ratio?)],
-                c.filled(),
-            ))
+            Some((x0, width * 0.9, s.ops_ratio?))
         });
+        let bars: Vec<_> = bars.collect();
         chart
-            .draw_series(bars)
+            .draw_series(
+                bars.iter()
+                    .map(|&(x0, w, r)| Rectangle::new([(x0, 0.0), (x0 + w, r.median)], c.filled())),
+            )
             .map_err(|err| anyhow!("plotting: {err}"))?
             .label(kind.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 4), (x + 12, y + 4)], c.filled()));
+        // Whisker: the range of the per-round ratios, i.e. how much to trust the bar.
+        chart
+            .draw_series(bars.iter().map(|&(x0, w, r)| {
+                let x = x0 + w / 2.0;
+                PathElement::new(vec![(x, r.min), (x, r.max)], BLACK.stroke_width(1))
+            }))
+            .map_err(|err| anyhow!("plotting: {err}"))?;
     }
     chart
         .draw_series(LineSeries::new(

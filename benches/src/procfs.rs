@@ -70,6 +70,48 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc status")
 }
 
+/// Machine-wide CPU time from the `cpu` line of /proc/stat, in ticks: all states, and "steal"
+/// (time a virtual machine's CPUs were runnable but the hypervisor ran someone else).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Result<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        parse_cpu_line(&stat).context("no aggregate cpu line in /proc/stat")
+    }
+
+    /// Percentage of CPU time stolen between `self` and the later `end`.
+    pub fn steal_percent_until(self, end: CpuTimes) -> f64 {
+        let total = end.total.saturating_sub(self.total);
+        let steal = end.steal.saturating_sub(self.steal);
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * steal as f64 / total as f64
+        }
+    }
+}
+
+fn parse_cpu_line(stat: &str) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+    // counted in user and nice, so only the first eight add up to the total.
+    Some(CpuTimes {
+        total: v.iter().take(8).sum(),
+        steal: *v.get(7)?,
+    })
+}
+
 /// The CPU model line, for the report and BENCHMARKS.md.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -91,5 +133,15 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(rss_kib(pid).unwrap() > 0);
+    }
+
+    #[test]
+    fn steal_from_proc_stat() {
+        let a = parse_cpu_line("cpu  100 0 50 800 0 0 0 50 0 0\ncpu0 1 2 3\n").unwrap();
+        let b = parse_cpu_line("cpu  200 0 100 1500 0 0 0 200 10 0\n").unwrap();
+        assert_eq!((a.total, a.steal), (1000, 50));
+        assert!((a.steal_percent_until(b) - 15.0).abs() < 1e-9);
+        assert!(parse_cpu_line("intr 1 2\n").is_none());
+        assert!(CpuTimes::now().is_ok());
     }
 }

@@ -90,13 +90,45 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     /// Gateway CPU milliseconds per 1000 ops (the same number as CPU seconds per 1M ops).
     pub cpu_ms_per_1k: Option<f64>,
-    /// This variant ÷ baseline for the same workload (throughput, p99, CPU per op).
-    pub ops_ratio: Option<f64>,
-    pub p99_ratio: Option<f64>,
-    pub cpu_ratio: Option<f64>,
+    /// This variant ÷ baseline for the same workload (throughput, p99, CPU per op): each round
+    /// is paired with the baseline's run of the same round (they ran back to back), and these are
+    /// the medians of the per-round ratios, so drift between rounds cancels out.
+    pub ops_ratio: Option<Ratio>,
+    pub p99_ratio: Option<Ratio>,
+    pub cpu_ratio: Option<Ratio>,
     /// (percentile, ms) over all rounds' latencies, for plotting.
     pub curve: Vec<(f64, f64)>,
     pub samples: Vec<Sample>,
+}
+
+/// A paired ratio: the median of the per-round ratios, and their range (the run's noise).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Ratio {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Ratio {
+    /// `a[i] / b[i]` for the rounds both sides have; None if there are none.
+    fn paired(pairs: impl Iterator<Item = (f64, f64)>) -> Option<Ratio> {
+        let r: Vec<f64> = pairs
+            .filter(|&(a, b)| b > 0.0 && a.is_finite())
+            .map(|(a, b)| a / b)
+            .collect();
+        if r.is_empty() {
+            return None;
+        }
+        Some(Ratio {
+            min: r.iter().copied().fold(f64::INFINITY, f64::min),
+            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median: median(r),
+        })
+    }
+}
+
+fn cpu_per_1k(s: &Sample) -> Option<f64> {
+    s.gateway_cpu_s.map(|cpu| cpu * 1e6 / s.ops.max(1) as f64)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -123,11 +155,7 @@ pub fn summarize(cells: &[Cell]) -> Vec<Summary> {
                     *errors.entry(k.clone()).or_default() += v;
                 }
             }
-            let cpu: Vec<f64> = c
-                .samples
-                .iter()
-                .filter_map(|s| s.gateway_cpu_s.map(|cpu| cpu * 1e6 / s.ops.max(1) as f64))
-                .collect();
+            let cpu: Vec<f64> = c.samples.iter().filter_map(cpu_per_1k).collect();
             Summary {
                 workload: c.workload.clone(),
                 unit: c.unit,
@@ -165,13 +193,15 @@ pub fn summarize(cells: &[Cell]) -> Vec<Summary> {
         let Some(b) = baselines.iter().find(|b| b.workload == s.workload) else {
             continue;
         };
-        let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
-        s.ops_ratio = ratio(s.ops_per_s, b.ops_per_s);
-        s.p99_ratio = ratio(s.p99_ms, b.p99_ms);
-        s.cpu_ratio = match (s.cpu_ms_per_1k, b.cpu_ms_per_1k) {
-            (Some(a), Some(b)) => ratio(a, b),
-            _ => None,
+        let paired = |f: &dyn Fn(&Sample) -> Option<f64>| {
+            Ratio::paired(s.samples.iter().filter_map(|a| {
+                let base = b.samples.iter().find(|x| x.round == a.round)?;
+                Some((f(a)?, f(base)?))
+            }))
         };
+        s.ops_ratio = paired(&|x| Some(x.ops_per_s));
+        s.p99_ratio = paired(&|x| Some(x.p99_ms));
+        s.cpu_ratio = paired(&cpu_per_1k);
     }
     out
 }
@@ -184,8 +214,13 @@ pub struct Memory {
     pub sidecar_rss_kib: Option<u64>,
 }
 
-fn ratio_cell(r: Option<f64>) -> String {
-    r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
+/// `0.95x (0.90-1.01)`: the median per-round ratio and, with several rounds, their range.
+fn ratio_cell(r: Option<Ratio>) -> String {
+    match r {
+        None => "-".into(),
+        Some(r) if r.min == r.max => format!("{:.2}x", r.median),
+        Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
+    }
 }
 
 fn errors_cell(e: &BTreeMap<String, u64>) -> String {
@@ -271,6 +306,19 @@ pub fn sanity_problems(summaries: &[Summary]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratio_cancels_drift_between_rounds() {
+        // The machine slows down by half in round 2; the variant is 10% slower in both rounds.
+        let r =
+            Ratio::paired([(90.0, 100.0), (45.0, 50.0), (99.0, 100.0)].into_iter()).expect("ratio");
+        assert!((r.median - 0.9).abs() < 1e-9, "{r:?}");
+        assert!(
+            (r.min - 0.9).abs() < 1e-9 && (r.max - 0.99).abs() < 1e-9,
+            "{r:?}"
+        );
+        assert_eq!(Ratio::paired([(1.0, 0.0)].into_iter()), None);
+    }
 
     #[test]
     fn median_of_odd_and_even() {
