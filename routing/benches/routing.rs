@@ -135,7 +135,6 @@ fn table_with(n: usize) -> (RouteTable, Vec<String>) {
     for spec in specs {
         table.upsert(spec);
     }
-    table.sync();
     (table, ids)
 }
 

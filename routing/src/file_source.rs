@@ -239,7 +239,6 @@ impl FileSource {
         for spec in specs {
             upserted += usize::from(self.table.upsert(spec));
         }
-        self.table.sync();
         self.stats
             .routes
             .store(new_ids.len() as u64, Ordering::Relaxed);

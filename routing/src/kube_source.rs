@@ -219,7 +219,6 @@ pub async fn run(
                 if unsynced.remove(&scope) && unsynced.is_empty() {
                     // Apply first, then open the doors: misses now mean "no such sandbox".
                     apply(&table, changes);
-                    table.sync();
                     table.mark_synced();
                     tracing::info!(
                         routes = table.len(),
