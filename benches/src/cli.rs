@@ -1,5 +1,5 @@
-//! Command-line flags. Defaults give a full run of ~5 minutes on a 2-core machine; `--quick` is the
-//! smoke test `make test` runs (tiny workloads, correctness only, never timing).
+//! Command-line flags. Defaults give a run of ~5 minutes on a 2-core machine (after the build);
+//! `--quick` is the smoke test `make test` runs (tiny workloads, correctness only, never timing).
 
 use clap::Parser;
 use std::path::PathBuf;

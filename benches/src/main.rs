@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         .worker_threads(args.load_cpus.len().max(1))
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, ncpu))
 }
 
 /// `--module-dir`, else `$SANDBOX_GATEWAY_MODULE_DIR`, else the release build if there is one.
@@ -86,7 +86,8 @@ fn module_dir(args: &cli::Args) -> PathBuf {
     }
 }
 
-async fn run(args: cli::Args) -> Result<()> {
+/// `ncpu`: the machine's CPUs, counted before pinning (afterwards the mask says 1).
+async fn run(args: cli::Args, ncpu: usize) -> Result<()> {
     let workloads = workloads::all(&args);
     if workloads.is_empty() {
         bail!("no workloads selected (--workloads)");
@@ -210,7 +211,7 @@ async fn run(args: cli::Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.out)?;
     let machine = serde_json::json!({
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "nproc": ncpu,
         "cpu_model": procfs::cpu_model(),
         "module_dir": std::env::var("SANDBOX_GATEWAY_MODULE_DIR").unwrap_or_default(),
         "cpu_steal_percent": steal_percent,
