@@ -15,10 +15,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Re-read this much before the previous flush: a touch stamped just before a flush may land in
-/// the cell just after it (coarse clock, racing workers). Re-merging is harmless (max).
-const FLUSH_OVERLAP_MS: u64 = 1000;
-
 /// Shared by the ActivityService and the ext_proc server of one replica.
 pub struct Activity {
     pub agg: Aggregator,
@@ -53,7 +49,7 @@ impl Activity {
         let since = self
             .last_flush_ms
             .swap(now, Ordering::Relaxed)
-            .saturating_sub(FLUSH_OVERLAP_MS);
+            .saturating_sub(routing::activity::REPORT_OVERLAP_MS);
         let snap = self.table.activity().snapshot(since);
         self.agg.merge(snap.iter().map(|(id, t)| (&**id, *t)));
     }

@@ -38,7 +38,7 @@ pub struct LastActive {
 }
 
 /// Queries every endpoint. Any failure is an error: a partial answer could make a caller think a
-/// busy sandbox is idle (DESIGN.md: never a false release).
+/// busy sandbox is idle (docs/design.md#last-active-semantics: never a false release).
 pub async fn last_active(
     endpoints: &[String],
     ids: &[String],

@@ -18,7 +18,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use routing::activity::now_ms;
-use routing::decide::{decide, Decision, ErrorReply, Forward, ORIGINAL_DST_HEADER};
+use routing::decide::{
+    decide, decide_after_hold, Decision, ErrorReply, FinalDecision, Forward, ORIGINAL_DST_HEADER,
+};
 use routing::{GatewayConfig, KeyError, RequestView, TargetBuf};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,23 +99,17 @@ impl Processor {
             .unwrap_or(&[]);
         let view = Headers(list);
         let table = &self.activity.table;
-        let mut d = decide(&self.cfg, table, &view, false);
-        if let Decision::Hold(id) = &d {
-            self.activity.metrics.miss_holds.inc();
-            table.wait_for(id, self.cfg.miss_hold).await;
-            d = decide(&self.cfg, table, &view, true);
-        }
-        let resp = match d {
+        let resp = match decide(&self.cfg, table, &view) {
             Decision::Reply(r) => self.reply(r),
             Decision::Forward(f) => self.forward(f),
-            // `after_hold = true` never holds again; answer as a miss if it ever did.
-            Decision::Hold(id) => self.reply(ErrorReply {
-                status: 404,
-                code: "sandbox_not_found",
-                message: routing::decide::NOT_FOUND.into(),
-                id: Some(id),
-                retry_after_secs: None,
-            }),
+            Decision::Hold(id) => {
+                self.activity.metrics.miss_holds.inc();
+                table.wait_for(&id, self.cfg.miss_hold).await;
+                match decide_after_hold(&self.cfg, table, &view) {
+                    FinalDecision::Reply(r) => self.reply(r),
+                    FinalDecision::Forward(f) => self.forward(f),
+                }
+            }
         };
         self.activity
             .metrics
@@ -177,11 +173,11 @@ impl Processor {
         self.activity
             .metrics
             .requests
-            .with_label_values(&[r.code])
+            .with_label_values(&[r.code.code()])
             .inc();
         tracing::debug!(
-            status = r.status,
-            code = r.code,
+            status = r.status(),
+            code = r.code.code(),
             sandbox_id = r.id.as_deref(),
             "local reply"
         );
@@ -193,7 +189,7 @@ impl Processor {
             response: Some(processing_response::Response::ImmediateResponse(
                 ImmediateResponse {
                     status: Some(HttpStatus {
-                        code: r.status as i32,
+                        code: r.status() as i32,
                     }),
                     headers: Some(HeaderMutation {
                         set_headers,
@@ -201,7 +197,7 @@ impl Processor {
                     }),
                     body: r.body().into_bytes(),
                     // Shows up as %RESPONSE_CODE_DETAILS% in Envoy's access log.
-                    details: r.code.into(),
+                    details: r.code.code().into(),
                     ..Default::default()
                 },
             )),

@@ -7,7 +7,7 @@ use crate::metrics::{self, Metrics};
 use crate::processor::Processor;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use proto::v1::activity_service_server::ActivityServiceServer;
-use routing::file_source::SourceStats;
+use routing::stats::SourceStats;
 use routing::{GatewayConfig, RouteTable};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,21 +4,13 @@
 //! Created on Envoy's main thread in `config_new`, shared read-only by every worker's filters,
 //! destroyed on the main thread after the last filter that used it.
 
-use crate::ffi::handle::ConfigScheduler;
-use crate::ffi::{FilterConfigHandle, MetricId};
-use routing::file_source::SourceStats;
+use crate::ffi::{Commit, ConfigEnvoy, HttpFilterConfig, MetricId};
+use crate::http_filter::SandboxFilter;
+use routing::stats::SourceStats;
 use routing::{GatewayConfig, RouteTable};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Panics caught at the FFI boundary, published as a counter on the next stats tick.
-static PANICS: AtomicU64 = AtomicU64::new(0);
-
-pub fn note_panic(hook: &'static str) {
-    PANICS.fetch_add(1, Ordering::Relaxed);
-    tracing::error!(hook, "panic caught at the Envoy boundary");
-}
 
 const EVENT_PUBLISH_STATS: u64 = 1;
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,7 +22,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Routes(#[from] routing::source::SourceError),
     #[error(transparent)]
-    Metric(#[from] crate::ffi::handle::MetricError),
+    Metric(#[from] crate::ffi::MetricError),
     #[error("starting the background runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -47,7 +39,7 @@ pub struct Metrics {
     cumulative: [(MetricId, ReadStat); CUMULATIVE],
 }
 
-const CUMULATIVE: usize = 8;
+const CUMULATIVE: usize = 9;
 
 type ReadStat = fn(&SourceStats) -> u64;
 
@@ -56,7 +48,7 @@ fn load(a: &AtomicU64) -> u64 {
 }
 
 impl Metrics {
-    fn define(h: &FilterConfigHandle) -> Result<Self, GatewayError> {
+    fn define<E: ConfigEnvoy>(h: &E) -> Result<Self, GatewayError> {
         Ok(Metrics {
             routed: h.define_counter("requests_routed", &[])?,
             local_replies: h.define_counter("local_replies", &["error"])?,
@@ -86,7 +78,10 @@ impl Metrics {
                 (h.define_counter("route_stale_events", &[])?, |s| {
                     load(&s.stale_ignored)
                 }),
-                (h.define_counter("panics", &[])?, |_| load(&PANICS)),
+                (h.define_counter("panics", &[])?, |_| crate::ffi::panics()),
+                (h.define_counter("hook_reentries", &[])?, |_| {
+                    crate::ffi::reentries()
+                }),
             ],
         })
     }
@@ -121,18 +116,17 @@ pub struct Gateway {
     pub holds: HoldGate,
     pub table: Arc<RouteTable>,
     pub metrics: Metrics,
-    handle: FilterConfigHandle,
     source_stats: Arc<SourceStats>,
     /// Values of `Metrics::cumulative` already published.
     published: Mutex<[u64; CUMULATIVE]>,
     runtime: Option<tokio::runtime::Runtime>,
-    stats_scheduler: Option<Arc<ConfigScheduler>>,
+    stats_scheduler: Option<Arc<dyn Commit + Sync>>,
 }
 
 impl Gateway {
-    pub fn new(handle: FilterConfigHandle, config: &[u8]) -> Result<Self, GatewayError> {
+    pub fn new<E: ConfigEnvoy>(envoy: &E, config: &[u8]) -> Result<Self, GatewayError> {
         let cfg = GatewayConfig::from_json(config)?;
-        let metrics = Metrics::define(&handle)?;
+        let metrics = Metrics::define(envoy)?;
         let table = Arc::new(RouteTable::new());
         let source_stats = Arc::new(SourceStats::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -151,7 +145,9 @@ impl Gateway {
             // Pushes activity to sandbox-extproc; see report.rs.
             runtime.spawn(crate::report::run(r.clone(), Arc::clone(&table)));
         }
-        let stats_scheduler = handle.scheduler().map(Arc::new);
+        let stats_scheduler = envoy
+            .scheduler()
+            .map(|s| Arc::new(s) as Arc<dyn Commit + Sync>);
         if let Some(s) = &stats_scheduler {
             let s = Arc::clone(s);
             runtime.spawn(async move {
@@ -170,7 +166,6 @@ impl Gateway {
             cfg,
             table,
             metrics,
-            handle,
             source_stats,
             published: Mutex::new([0; CUMULATIVE]),
             runtime: Some(runtime),
@@ -178,20 +173,22 @@ impl Gateway {
         })
     }
 
-    /// Runs `fut` on the module's runtime (never on an Envoy worker).
-    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
-        if let Some(rt) = &self.runtime {
-            rt.spawn(fut);
+    /// Runs `fut` on the module's runtime (never on an Envoy worker). False (and `fut` dropped)
+    /// once the runtime is gone.
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+        match &self.runtime {
+            Some(rt) => {
+                rt.spawn(fut);
+                true
+            }
+            None => false,
         }
     }
 
     /// Main thread: publish gauges and counter deltas that background threads collected.
-    pub fn on_config_scheduled(&self, event_id: u64) {
-        if event_id != EVENT_PUBLISH_STATS {
-            return;
-        }
-        self.handle.set_gauge(self.metrics.routes, self.table.len());
-        self.handle.set_gauge(
+    fn publish_stats<E: ConfigEnvoy>(&self, envoy: &E) {
+        envoy.set_gauge(self.metrics.routes, self.table.len());
+        envoy.set_gauge(
             self.metrics.routes_synced,
             u64::from(self.table.is_synced()),
         );
@@ -199,9 +196,28 @@ impl Gateway {
         for ((id, read), last) in self.metrics.cumulative.iter().zip(published.iter_mut()) {
             let now = read(&self.source_stats);
             if now > *last {
-                self.handle.increment_counter(*id, now - *last);
+                envoy.increment_counter(*id, now - *last);
             }
             *last = now;
+        }
+    }
+}
+
+impl HttpFilterConfig for Gateway {
+    type Filter = SandboxFilter;
+    type Error = GatewayError;
+
+    fn new<E: ConfigEnvoy>(envoy: &E, _name: &str, config: &[u8]) -> Result<Self, GatewayError> {
+        Gateway::new(envoy, config)
+    }
+
+    fn new_filter(&'static self) -> SandboxFilter {
+        SandboxFilter::new(self)
+    }
+
+    fn on_scheduled<E: ConfigEnvoy>(&self, envoy: &E, event_id: u64) {
+        if event_id == EVENT_PUBLISH_STATS {
+            self.publish_stats(envoy);
         }
     }
 }

@@ -1,47 +1,48 @@
 //! The per-request HTTP filter: find the sandbox a request is for and send it there, or answer
-//! with a JSON error. Only safe handles here; the request-path rules are DESIGN.md's.
+//! with a JSON error. The rules are `routing::decide`'s (docs/design.md#request-path-rules);
+//! this file applies them through the `ffi::Stream` trait, so it is unit-tested against a fake.
+//!
+//! Envoy re-enters a stream's hooks (a local reply runs the response path before `send_response`
+//! returns), so every hook takes `&self` and the state that changes is in `Cell`/`OnceCell`,
+//! never borrowed across a call into Envoy.
 
-use crate::ffi::{Header, RequestHeaders, Stream};
+use crate::ffi::{Header, HeaderMap, HeadersStatus, HttpFilter, Stream};
 use crate::gateway::Gateway;
-use crate::reply::Reply;
 use routing::activity::{now_ms, StreamThrottle};
-use routing::decide::ORIGINAL_DST_HEADER;
-use routing::decide::{decide, Decision, ErrorReply, Forward, SandboxId};
+use routing::decide::{
+    decide, decide_after_hold, Decision, ErrorReply, FinalDecision, Forward, ReplyCode, SandboxId,
+    ORIGINAL_DST_HEADER,
+};
 use routing::key::KeyError;
 use routing::{RequestView, Route, TargetBuf};
+use std::cell::{Cell, OnceCell};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Envoy's ORIGINAL_DST filter-state key; its factory parses `ip:port`.
-const ORIGINAL_DST_KEY: &str = "envoy.network.transport_socket.original_dst_address";
-const EVENT_HOLD_DONE: u64 = 1;
+pub const ORIGINAL_DST_KEY: &str = "envoy.network.transport_socket.original_dst_address";
+/// The scheduler event that ends a miss hold.
+pub const EVENT_HOLD_DONE: u64 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadersStatus {
-    /// Routed; let the request through.
-    Continue,
-    /// Waiting for a route; a scheduler event resumes the request.
-    Stop,
-    /// A local reply was sent.
-    Replied,
-}
+/// Envoy's request headers as the routing core reads them.
+struct View<H>(H);
 
-impl RequestView for RequestHeaders<'_> {
+impl<H: HeaderMap> RequestView for View<H> {
     fn header(&self, name: &str) -> Result<Option<&[u8]>, KeyError> {
-        match self.get(name) {
+        match self.0.get(name) {
             Header::Absent => Ok(None),
             Header::One(v) => Ok(Some(v)),
             Header::Many => Err(KeyError::DuplicateHeader),
         }
     }
     fn authority(&self) -> Option<&[u8]> {
-        match self.get(":authority") {
+        match self.0.get(":authority") {
             Header::One(v) => Some(v),
             _ => None,
         }
     }
     fn path(&self) -> Option<&[u8]> {
-        match self.get(":path") {
+        match self.0.get(":path") {
             Header::One(v) => Some(v),
             _ => None,
         }
@@ -50,82 +51,46 @@ impl RequestView for RequestHeaders<'_> {
 
 pub struct SandboxFilter {
     gw: &'static Gateway,
-    /// The route this stream was sent to; long streams mark it active as data flows.
-    route: Option<Arc<Route>>,
-    throttle: StreamThrottle,
-    hold_started: Option<Instant>,
+    /// The route this stream was sent to (set once); long streams mark it active as data flows.
+    route: OnceCell<Arc<Route>>,
+    throttle: Cell<StreamThrottle>,
+    /// Set while a miss hold is pending; taken by the scheduled event that ends it.
+    hold_started: Cell<Option<Instant>>,
 }
 
 impl SandboxFilter {
     pub fn new(gw: &'static Gateway) -> Self {
         SandboxFilter {
             gw,
-            route: None,
-            throttle: StreamThrottle::new(0, Duration::ZERO),
-            hold_started: None,
+            route: OnceCell::new(),
+            throttle: Cell::new(StreamThrottle::new(0, Duration::ZERO)),
+            hold_started: Cell::new(None),
         }
-    }
-
-    pub fn on_request_headers(&mut self, s: &mut Stream<'_>) -> HeadersStatus {
-        self.route(s, false)
     }
 
     /// Data in either direction: throttled activity.
     #[inline]
-    pub fn on_data(&mut self) {
-        if let Some(route) = &self.route {
+    fn on_data(&self) {
+        if let Some(route) = self.route.get() {
             let now = now_ms();
-            if self
-                .throttle
-                .ready(now, self.gw.cfg.activity_stream_throttle)
-            {
+            let mut throttle = self.throttle.get();
+            if throttle.ready(now, self.gw.cfg.activity_stream_throttle) {
                 route.activity.touch(now);
             }
+            self.throttle.set(throttle);
         }
     }
 
-    pub fn on_scheduled(&mut self, s: &mut Stream<'_>, event_id: u64) {
-        if event_id != EVENT_HOLD_DONE {
-            return;
-        }
-        let Some(started) = self.hold_started.take() else {
-            return;
-        };
-        s.record_histogram(
-            self.gw.metrics.miss_hold_ms,
-            started.elapsed().as_millis() as u64,
-        );
-        if self.route(s, true) == HeadersStatus::Continue {
-            s.continue_decoding();
-        }
-    }
-
-    fn route(&mut self, s: &mut Stream<'_>, after_hold: bool) -> HeadersStatus {
+    fn after_hold<S: Stream>(&self, s: &mut S) -> HeadersStatus {
         let gw = self.gw;
-        // The request-path rules live in `routing::decide`, shared with sandbox-extproc.
-        match decide(&gw.cfg, &gw.table, &s.request_headers(), after_hold) {
-            Decision::Reply(ErrorReply {
-                status,
-                code,
-                message,
-                id,
-                retry_after_secs,
-            }) => self.send(
-                s,
-                Reply {
-                    status,
-                    code,
-                    message: &message,
-                    sandbox_id: id.as_deref(),
-                    retry_after_secs,
-                },
-            ),
-            Decision::Hold(id) => self.hold(s, id),
-            Decision::Forward(f) => self.forward(s, f),
+        let d = decide_after_hold(&gw.cfg, &gw.table, &View(s.request_headers()));
+        match d {
+            FinalDecision::Reply(r) => self.send(s, &r),
+            FinalDecision::Forward(f) => self.forward(s, f),
         }
     }
 
-    fn forward(&mut self, s: &mut Stream<'_>, f: Forward) -> HeadersStatus {
+    fn forward<S: Stream>(&self, s: &mut S, f: Forward) -> HeadersStatus {
         let gw = self.gw;
         let Forward {
             route,
@@ -147,54 +112,106 @@ impl SandboxFilter {
         }
         let mut buf = TargetBuf::new();
         if !s.set_filter_state_typed(ORIGINAL_DST_KEY, route.target(port, &mut buf)) {
-            let r = Reply {
-                status: 500,
-                code: "routing_failed",
-                message: "Envoy rejected the upstream address",
-                sandbox_id: Some(&route.spec.id),
-                retry_after_secs: None,
+            let mut id = SandboxId::new();
+            let _ = id.try_push_str(&route.spec.id);
+            let r = ErrorReply {
+                id: Some(id),
+                ..ErrorReply::new(ReplyCode::RoutingFailed)
             };
-            return self.send(s, r);
+            return self.send(s, &r);
         }
         let now = now_ms();
         route.activity.touch(now);
-        self.throttle = StreamThrottle::new(now, gw.cfg.activity_stream_throttle);
-        self.route = Some(route);
+        self.throttle
+            .set(StreamThrottle::new(now, gw.cfg.activity_stream_throttle));
+        // A stream is routed once; a second route (impossible: Continue ends the decision) is
+        // ignored rather than replacing the one whose upstream Envoy already has.
+        let _ = self.route.set(route);
         s.increment_counter(gw.metrics.routed, None, 1);
         HeadersStatus::Continue
     }
 
-    fn hold(&mut self, s: &mut Stream<'_>, id: SandboxId) -> HeadersStatus {
+    fn hold<S: Stream>(&self, s: &mut S, id: SandboxId) -> HeadersStatus {
         let gw = self.gw;
         // Past the cap (a flood of unknown IDs), answer now as if the hold had expired.
         let Some(permit) = gw.holds.try_acquire() else {
-            return self.route(s, true);
+            return self.after_hold(s);
         };
         let Some(scheduler) = s.scheduler() else {
-            return self.route(s, true);
+            return self.after_hold(s);
         };
-        s.increment_counter(gw.metrics.miss_holds, None, 1);
-        self.hold_started = Some(Instant::now());
+        self.hold_started.set(Some(Instant::now()));
         let table = Arc::clone(&gw.table);
         let hold = gw.cfg.miss_hold;
         // The task owns the scheduler: it makes the only commit, then frees it.
-        gw.spawn(async move {
+        let spawned = gw.spawn(async move {
             table.wait_for(&id, hold).await;
             drop(permit);
-            scheduler.commit(EVENT_HOLD_DONE);
+            crate::ffi::Commit::commit(&scheduler, EVENT_HOLD_DONE);
         });
+        if !spawned {
+            self.hold_started.set(None);
+            return self.after_hold(s);
+        }
+        s.increment_counter(gw.metrics.miss_holds, None, 1);
         HeadersStatus::Stop
     }
 
-    fn send(&mut self, s: &mut Stream<'_>, r: Reply<'_>) -> HeadersStatus {
-        s.increment_counter(self.gw.metrics.local_replies, Some(r.code), 1);
+    fn send<S: Stream>(&self, s: &mut S, r: &ErrorReply) -> HeadersStatus {
+        s.increment_counter(self.gw.metrics.local_replies, Some(r.code.code()), 1);
         tracing::debug!(
-            status = r.status,
-            code = r.code,
-            sandbox_id = r.sandbox_id,
+            status = r.status(),
+            code = r.code.code(),
+            sandbox_id = r.id.as_deref(),
             "local reply"
         );
-        r.send(s);
+        // Envoy may run this filter's response hooks inside this call: no state is borrowed here.
+        crate::reply::send(s, r);
         HeadersStatus::Replied
     }
 }
+
+impl HttpFilter for SandboxFilter {
+    fn on_request_headers<S: Stream>(&self, s: &mut S, _end_of_stream: bool) -> HeadersStatus {
+        let gw = self.gw;
+        let d = decide(&gw.cfg, &gw.table, &View(s.request_headers()));
+        match d {
+            Decision::Reply(r) => self.send(s, &r),
+            Decision::Hold(id) => self.hold(s, id),
+            Decision::Forward(f) => self.forward(s, f),
+        }
+    }
+
+    fn on_request_body<S: Stream>(&self, _s: &mut S, _end_of_stream: bool) {
+        self.on_data();
+    }
+
+    fn on_response_body<S: Stream>(&self, _s: &mut S, _end_of_stream: bool) {
+        self.on_data();
+    }
+
+    fn on_scheduled<S: Stream>(&self, s: &mut S, event_id: u64) {
+        if event_id != EVENT_HOLD_DONE {
+            return;
+        }
+        // No hold pending: a stale or repeated event changes nothing.
+        let Some(started) = self.hold_started.take() else {
+            return;
+        };
+        s.record_histogram(
+            self.gw.metrics.miss_hold_ms,
+            started.elapsed().as_millis() as u64,
+        );
+        if self.after_hold(s) == HeadersStatus::Continue {
+            s.continue_decoding();
+        }
+    }
+
+    fn on_panic<S: Stream>(s: &mut S) {
+        crate::reply::send(s, &ErrorReply::new(ReplyCode::InternalError));
+    }
+}
+
+#[cfg(test)]
+#[path = "http_filter_tests.rs"]
+mod tests;

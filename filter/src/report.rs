@@ -9,7 +9,7 @@
 
 use proto::v1::activity_service_client::ActivityServiceClient;
 use proto::v1::{ReportRequest, SandboxActivity};
-use routing::activity::now_ms;
+use routing::activity::{now_ms, REPORT_OVERLAP_MS};
 use routing::config::ActivityReportConfig;
 use routing::RouteTable;
 use std::sync::Arc;
@@ -17,10 +17,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-
-/// Re-send this much before the previous batch: a touch stamped just before a snapshot can land
-/// in its cell just after it (coarse clock, racing workers). Duplicates are harmless (max merge).
-const OVERLAP_MS: u64 = 1000;
 
 /// Reporter name sent with every batch: host name and pid identify one Envoy process.
 pub fn reporter_id() -> String {
@@ -108,7 +104,7 @@ async fn session(
         let full = since.is_none();
         let snap = table.activity().snapshot(since.unwrap_or(0));
         if !full && snap.is_empty() {
-            since = Some(now.saturating_sub(OVERLAP_MS));
+            since = Some(now.saturating_sub(REPORT_OVERLAP_MS));
             continue;
         }
         let batch = ReportRequest {
@@ -124,7 +120,7 @@ async fn session(
         };
         match tx.try_send(batch) {
             // Only a batch handed to the stream advances the window.
-            Ok(()) => since = Some(now.saturating_sub(OVERLAP_MS)),
+            Ok(()) => since = Some(now.saturating_sub(REPORT_OVERLAP_MS)),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!("activity report: server is slow; batch deferred");
             }

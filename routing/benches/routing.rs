@@ -3,9 +3,9 @@
 //! Run with `cargo bench -p sandbox-routing` (or `make bench-micro`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use routing::config::HeaderNames;
 use routing::file_source::parse_routes;
 use routing::key::validate_id;
+use routing::key::HeaderNames;
 use routing::{extract, KeyConfig, KeyError, RequestView, RouteTable};
 use std::hint::black_box;
 use std::path::Path;

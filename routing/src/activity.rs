@@ -10,6 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How far before the previous batch each activity report (module → ActivityService) or flush
+/// (ext_proc cells → aggregate) starts again: a touch stamped just before a snapshot can land in
+/// its cell just after it (coarse clock, racing workers). Re-sending is harmless (max merge).
+pub const REPORT_OVERLAP_MS: u64 = 1000;
+
 /// Wall-clock milliseconds since the Unix epoch: the unit of every last-active value.
 ///
 /// Called on every request, so it reads the coarse real-time clock (vDSO, no syscall, a few ns;

@@ -3,6 +3,7 @@
 //! Shared by the Envoy module (filter config string) and sandbox-extproc. Unknown fields and bad
 //! values are errors that name the field: a half-understood config must never start serving.
 
+use crate::key::{validate_id, HeaderNames, KeyConfig};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,42 +26,6 @@ fn field_err(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Header names that carry the sandbox key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderNames {
-    pub id: String,
-    pub port: String,
-}
-
-impl Default for HeaderNames {
-    fn default() -> Self {
-        HeaderNames {
-            id: "x-sandbox-id".into(),
-            port: "x-sandbox-port".into(),
-        }
-    }
-}
-
-impl HeaderNames {
-    /// E2B clients' header names.
-    pub fn e2b() -> Self {
-        HeaderNames {
-            id: "e2b-sandbox-id".into(),
-            port: "e2b-sandbox-port".into(),
-        }
-    }
-}
-
-/// How keys are found in a request (see `key::extract`). A `None`/empty source is switched off.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyConfig {
-    pub headers: Option<HeaderNames>,
-    /// Host `<port>-<id>.<domain>` is recognised for these domains (lowercase, no leading dot).
-    pub host_domains: Vec<String>,
-    /// Path `<prefix>/<id>/<port>/...`, prefix stripped before forwarding.
-    pub path_prefix: Option<String>,
-}
-
 /// Where routes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteSourceConfig {
@@ -81,9 +46,6 @@ pub struct KubeSourceConfig {
     /// Port for pods without the `sandboxgateway.io/port` annotation.
     pub default_port: u16,
 }
-
-/// The route contract's label (DESIGN.md).
-pub const SANDBOX_ID_LABEL: &str = "sandboxgateway.io/sandbox-id";
 
 /// The whole, validated gateway configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,10 +166,10 @@ enum RawRouteSource {
 }
 
 fn default_label() -> String {
-    SANDBOX_ID_LABEL.into()
+    crate::contract::SANDBOX_ID_LABEL.into()
 }
 fn default_pod_port() -> u16 {
-    8080
+    crate::contract::DEFAULT_PORT
 }
 
 fn default_header_keys() -> RawHeaderKeys {
@@ -313,7 +275,7 @@ impl GatewayConfig {
                 default_port,
             } => {
                 for ns in &namespaces {
-                    if crate::key::validate_id(ns.as_bytes()).is_err() {
+                    if validate_id(ns.as_bytes()).is_err() {
                         return Err(field_err(
                             "route_source.namespaces",
                             format!("{ns:?} is not a namespace name"),
@@ -455,9 +417,9 @@ mod tests {
             c.routes,
             RouteSourceConfig::Kubernetes(KubeSourceConfig {
                 namespaces: vec![],
-                label: SANDBOX_ID_LABEL.into(),
+                label: crate::contract::SANDBOX_ID_LABEL.into(),
                 kubeconfig: None,
-                default_port: 8080,
+                default_port: crate::contract::DEFAULT_PORT,
             })
         );
     }

@@ -1,4 +1,4 @@
-//! The request-path decision (DESIGN.md "Request path rules"), shared by the Envoy module and
+//! The request-path decision (docs/design.md#request-path-rules), shared by the Envoy module and
 //! sandbox-extproc so both answer every request the same way: key → route → ready → token.
 //!
 //! Pure and read-only: it looks at one view of the request headers and the route table and says
@@ -6,7 +6,8 @@
 //! header mutations and immediate responses).
 
 use crate::config::GatewayConfig;
-use crate::key::{extract, KeyError, RequestView, MAX_ID_LEN};
+use crate::key::{extract, RequestView, SandboxKey, MAX_ID_LEN};
+pub use crate::reply::ReplyCode;
 use crate::table::{Route, RouteTable};
 use crate::token::token_matches;
 use arrayvec::ArrayString;
@@ -16,57 +17,66 @@ use std::sync::Arc;
 /// both modes drop it anyway so no later hop can be steered by a client-sent value.
 pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 
-/// Message of the 404 reply (also used when a hold cannot be started).
-pub const NOT_FOUND: &str = "no sandbox with this id is routable";
-
 /// A validated sandbox ID, on the stack.
 pub type SandboxId = ArrayString<MAX_ID_LEN>;
 
 /// What to do with a request, decided before anything is changed.
 #[derive(Debug)]
 pub enum Decision {
-    /// Answer locally with the JSON error body ([`error_body`]).
+    /// Answer locally with the JSON error body ([`ErrorReply::body`]).
     Reply(ErrorReply),
-    /// No route yet: wait up to `miss_hold` for it, then decide again with `after_hold = true`.
+    /// No route yet: wait up to `miss_hold` for it, then call [`decide_after_hold`].
     Hold(SandboxId),
     /// Send the request to `route` (on `port`, or the route's default port).
     Forward(Forward),
 }
 
-/// A local error reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to do with a request after its miss hold: there is no second hold.
+#[derive(Debug)]
+pub enum FinalDecision {
+    Reply(ErrorReply),
+    Forward(Forward),
+}
+
+/// A local error reply: the code, and the sandbox it is about when the key was valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorReply {
-    pub status: u32,
-    pub code: &'static str,
-    pub message: String,
+    pub code: ReplyCode,
     pub id: Option<SandboxId>,
+    /// `Retry-After` seconds, set for the codes that [`ReplyCode::retries`].
     pub retry_after_secs: Option<u32>,
 }
 
 impl ErrorReply {
-    fn new(status: u32, code: &'static str, message: &str, id: SandboxId) -> Self {
+    /// A reply about a request whose key was not usable (no sandbox to name).
+    pub fn new(code: ReplyCode) -> Self {
         ErrorReply {
-            status,
             code,
-            message: message.into(),
-            id: Some(id),
+            id: None,
             retry_after_secs: None,
         }
     }
 
+    fn about(code: ReplyCode, id: SandboxId, cfg: &GatewayConfig) -> Self {
+        ErrorReply {
+            code,
+            id: Some(id),
+            retry_after_secs: code.retries().then_some(cfg.retry_after_secs),
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.code.status()
+    }
+
     /// The reply body: `{"error": "<code>", "message": "...", "sandbox_id": "..."}`.
     pub fn body(&self) -> String {
-        error_body(self.code, &self.message, self.id.as_deref())
+        let mut v = serde_json::json!({"error": self.code.code(), "message": self.code.message()});
+        if let Some(id) = &self.id {
+            v["sandbox_id"] = id.as_str().into();
+        }
+        v.to_string()
     }
-}
-
-/// The JSON body of every local reply, in both modes.
-pub fn error_body(code: &str, message: &str, sandbox_id: Option<&str>) -> String {
-    let mut v = serde_json::json!({"error": code, "message": message});
-    if let Some(id) = sandbox_id {
-        v["sandbox_id"] = id.into();
-    }
-    v.to_string()
 }
 
 /// A routed request and the changes to make to it before it goes upstream.
@@ -82,79 +92,91 @@ pub struct Forward {
     pub strip_token: bool,
 }
 
-fn key_error(e: KeyError) -> Decision {
-    Decision::Reply(ErrorReply {
-        status: 400,
-        code: e.code(),
-        message: e.to_string(),
-        id: None,
-        retry_after_secs: None,
-    })
+/// The first look at a request: a miss is held when `miss_hold` is not zero.
+pub fn decide<R: RequestView + ?Sized>(cfg: &GatewayConfig, table: &RouteTable, h: &R) -> Decision {
+    match resolve(cfg, table, h) {
+        Ok(found) => match admit(cfg, h, found) {
+            FinalDecision::Reply(r) => Decision::Reply(r),
+            FinalDecision::Forward(f) => Decision::Forward(f),
+        },
+        Err(Early::Reply(r)) => Decision::Reply(r),
+        Err(Early::Miss(id)) if !cfg.miss_hold.is_zero() => Decision::Hold(id),
+        Err(Early::Miss(id)) => Decision::Reply(miss(cfg, table, id)),
+    }
 }
 
-/// Decides what to do with a request. `after_hold` is true on the second look after a miss hold.
-pub fn decide<R: RequestView + ?Sized>(
+/// The second look, once a hold has ended (the route arrived, the hold expired, or no hold could
+/// be started): there is no second hold.
+pub fn decide_after_hold<R: RequestView + ?Sized>(
     cfg: &GatewayConfig,
     table: &RouteTable,
     h: &R,
-    after_hold: bool,
-) -> Decision {
-    let key = match extract(&cfg.keys, h) {
-        Ok(k) => k,
-        Err(e) => return key_error(e),
-    };
+) -> FinalDecision {
+    match resolve(cfg, table, h) {
+        Ok(found) => admit(cfg, h, found),
+        Err(Early::Reply(r)) => FinalDecision::Reply(r),
+        Err(Early::Miss(id)) => FinalDecision::Reply(miss(cfg, table, id)),
+    }
+}
+
+/// A request whose key resolved to a route.
+struct Found<'h> {
+    key: SandboxKey<'h>,
+    id: SandboxId,
+    route: Arc<Route>,
+}
+
+enum Early {
+    Reply(ErrorReply),
+    Miss(SandboxId),
+}
+
+fn resolve<'h, R: RequestView + ?Sized>(
+    cfg: &GatewayConfig,
+    table: &RouteTable,
+    h: &'h R,
+) -> Result<Found<'h>, Early> {
+    let key = extract(&cfg.keys, h).map_err(|e| Early::Reply(ErrorReply::new(e.into())))?;
     let mut id = SandboxId::new();
     if id.try_push_str(key.id).is_err() {
-        return key_error(KeyError::InvalidId);
+        return Err(Early::Reply(ErrorReply::new(ReplyCode::InvalidSandboxId)));
     }
-    let Some(route) = table.get(&id) else {
-        if !after_hold && !cfg.miss_hold.is_zero() {
-            return Decision::Hold(id);
-        }
-        if !table.is_synced() {
-            // Before the first full view a miss proves nothing: ask the client to retry.
-            return Decision::Reply(ErrorReply {
-                retry_after_secs: Some(cfg.retry_after_secs),
-                ..ErrorReply::new(
-                    503,
-                    "routes_not_synced",
-                    "the gateway has not loaded its routes yet",
-                    id,
-                )
-            });
-        }
-        return Decision::Reply(ErrorReply::new(404, "sandbox_not_found", NOT_FOUND, id));
+    match table.get(&id) {
+        Some(route) => Ok(Found { key, id, route }),
+        None => Err(Early::Miss(id)),
+    }
+}
+
+/// The answer to a miss that is not (or no longer) held.
+fn miss(cfg: &GatewayConfig, table: &RouteTable, id: SandboxId) -> ErrorReply {
+    // Before the first full view a miss proves nothing: ask the client to retry.
+    let code = if table.is_synced() {
+        ReplyCode::SandboxNotFound
+    } else {
+        ReplyCode::RoutesNotSynced
     };
+    ErrorReply::about(code, id, cfg)
+}
+
+/// Readiness and the access token, then the changes to forward with.
+fn admit<R: RequestView + ?Sized>(cfg: &GatewayConfig, h: &R, found: Found<'_>) -> FinalDecision {
+    let Found { key, id, route } = found;
     if !route.spec.ready {
-        return Decision::Reply(ErrorReply {
-            retry_after_secs: Some(cfg.retry_after_secs),
-            ..ErrorReply::new(503, "sandbox_not_ready", "the sandbox is not ready yet", id)
-        });
+        return FinalDecision::Reply(ErrorReply::about(ReplyCode::SandboxNotReady, id, cfg));
     }
     // A token sent twice is `Err(DuplicateHeader)`: never valid, whichever copy is right.
     let token = h.header(&cfg.access_token_header);
     if let Some(expected) = &route.spec.token_sha256 {
-        match token {
-            Ok(Some(t)) if token_matches(t, expected) => {}
-            Ok(None) => {
-                return Decision::Reply(ErrorReply::new(
-                    401,
-                    "missing_access_token",
-                    "this sandbox needs an access token",
-                    id,
-                ))
-            }
-            _ => {
-                return Decision::Reply(ErrorReply::new(
-                    401,
-                    "invalid_access_token",
-                    "the access token is not valid for this sandbox",
-                    id,
-                ))
-            }
+        let refused = match token {
+            Ok(Some(t)) if token_matches(t, expected) => None,
+            Ok(None) => Some(ReplyCode::MissingAccessToken),
+            _ => Some(ReplyCode::InvalidAccessToken),
+        };
+        if let Some(code) = refused {
+            return FinalDecision::Reply(ErrorReply::about(code, id, cfg));
         }
     }
-    Decision::Forward(Forward {
+    FinalDecision::Forward(Forward {
         port: key.port,
         new_path: key.rewritten_path.map(|p| p.to_path()),
         strip_original_dst: !matches!(h.header(ORIGINAL_DST_HEADER), Ok(None)),
@@ -166,6 +188,7 @@ pub fn decide<R: RequestView + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::KeyError;
     use crate::table::RouteSpec;
     use std::collections::HashMap;
 
@@ -226,57 +249,141 @@ mod tests {
         }
     }
 
+    fn final_reply(d: FinalDecision) -> ErrorReply {
+        match d {
+            FinalDecision::Reply(r) => r,
+            other => panic!("want a reply, got {other:?}"),
+        }
+    }
+
+    fn forward(d: Decision) -> Forward {
+        match d {
+            Decision::Forward(f) => f,
+            other => panic!("want a forward, got {other:?}"),
+        }
+    }
+
     #[test]
     fn outcomes() {
+        use ReplyCode::*;
         let (cfg, t) = setup();
-        let r = reply(decide(&cfg, &t, &req(&[]), false));
-        assert_eq!((r.status, r.code), (400, "missing_sandbox_id"));
-        assert!(matches!(
-            decide(&cfg, &t, &req(&[("x-sandbox-id", "nope")]), false),
-            Decision::Hold(_)
-        ));
-        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "nope")]), true));
-        assert_eq!((r.status, r.code), (503, "routes_not_synced"));
+        let r = reply(decide(&cfg, &t, &req(&[])));
+        assert_eq!((r.status(), r.code), (400, MissingSandboxId));
+        assert_eq!(r.id, None);
+        let nope = req(&[("x-sandbox-id", "nope")]);
+        assert!(matches!(decide(&cfg, &t, &nope), Decision::Hold(_)));
+        let r = final_reply(decide_after_hold(&cfg, &t, &nope));
+        assert_eq!((r.status(), r.code), (503, RoutesNotSynced));
+        assert_eq!(r.retry_after_secs, Some(5));
         t.mark_synced();
-        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "nope")]), true));
-        assert_eq!((r.status, r.code), (404, "sandbox_not_found"));
-        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "z")]), false));
-        assert_eq!((r.status, r.retry_after_secs), (503, Some(5)));
-        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "t")]), false));
-        assert_eq!(r.code, "missing_access_token");
+        let r = final_reply(decide_after_hold(&cfg, &t, &nope));
+        assert_eq!(
+            (r.status(), r.code, r.retry_after_secs),
+            (404, SandboxNotFound, None)
+        );
+        assert_eq!(r.id.as_deref(), Some("nope"));
+        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "z")])));
+        assert_eq!((r.status(), r.code), (503, SandboxNotReady));
+        assert_eq!(r.retry_after_secs, Some(5));
+        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "t")])));
+        assert_eq!(r.code, MissingAccessToken);
         let twice = [
             ("x-sandbox-id", "t"),
             ("x-access-token", "secret"),
             ("x-access-token", "secret"),
         ];
         assert_eq!(
-            reply(decide(&cfg, &t, &req(&twice), false)).code,
-            "invalid_access_token"
+            reply(decide(&cfg, &t, &req(&twice))).code,
+            InvalidAccessToken
         );
         let ok = [("x-sandbox-id", "t"), ("x-access-token", "secret")];
-        match decide(&cfg, &t, &req(&ok), false) {
-            Decision::Forward(f) => {
-                assert!(f.strip_token && !f.strip_original_dst);
-                assert_eq!(f.route.spec.id, "t");
-            }
-            other => panic!("{other:?}"),
-        }
+        let f = forward(decide(&cfg, &t, &req(&ok)));
+        assert!(f.strip_token && !f.strip_original_dst);
+        assert_eq!(f.route.spec.id, "t");
+        // The second look forwards the same way once the route is there.
+        assert!(matches!(
+            decide_after_hold(&cfg, &t, &req(&ok)),
+            FinalDecision::Forward(_)
+        ));
         let dst = [("x-sandbox-id", "a"), (ORIGINAL_DST_HEADER, "1.2.3.4:5")];
-        match decide(&cfg, &t, &req(&dst), false) {
-            Decision::Forward(f) => assert!(f.strip_original_dst && !f.strip_token),
-            other => panic!("{other:?}"),
-        }
+        let f = forward(decide(&cfg, &t, &req(&dst)));
+        assert!(f.strip_original_dst && !f.strip_token);
+    }
+
+    #[test]
+    fn no_hold_when_the_hold_is_off() {
+        let (mut cfg, t) = setup();
+        cfg.miss_hold = std::time::Duration::ZERO;
+        t.mark_synced();
+        let r = reply(decide(&cfg, &t, &req(&[("x-sandbox-id", "nope")])));
+        assert_eq!(r.code, ReplyCode::SandboxNotFound);
     }
 
     #[test]
     fn body_shape() {
-        let v: serde_json::Value =
-            serde_json::from_str(&error_body("c", "m \"q\"", Some("x"))).unwrap();
+        let mut id = SandboxId::new();
+        id.push_str("x");
+        let r = ErrorReply {
+            code: ReplyCode::SandboxNotFound,
+            id: Some(id),
+            retry_after_secs: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.body()).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"error": "c", "message": "m \"q\"", "sandbox_id": "x"})
+            serde_json::json!({"error": "sandbox_not_found",
+                "message": "no sandbox with this id is routable", "sandbox_id": "x"})
         );
-        let v: serde_json::Value = serde_json::from_str(&error_body("c", "m", None)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&ErrorReply::new(ReplyCode::DuplicateHeader).body()).unwrap();
         assert!(v.get("sandbox_id").is_none());
+        assert_eq!(v["message"], KeyError::DuplicateHeader.to_string());
+    }
+
+    #[test]
+    fn all_lists_every_code_once() {
+        // Exhaustive: a new variant does not compile until it is placed in `ALL`.
+        let index = |c: ReplyCode| match c {
+            ReplyCode::MissingSandboxId => 0,
+            ReplyCode::InvalidSandboxId => 1,
+            ReplyCode::InvalidSandboxPort => 2,
+            ReplyCode::DuplicateHeader => 3,
+            ReplyCode::MissingAccessToken => 4,
+            ReplyCode::InvalidAccessToken => 5,
+            ReplyCode::SandboxNotFound => 6,
+            ReplyCode::SandboxNotReady => 7,
+            ReplyCode::RoutesNotSynced => 8,
+            ReplyCode::RoutingFailed => 9,
+            ReplyCode::InternalError => 10,
+        };
+        for (i, c) in ReplyCode::ALL.iter().enumerate() {
+            assert_eq!(index(*c), i, "{c:?}");
+        }
+        let codes: std::collections::HashSet<_> = ReplyCode::ALL.iter().map(|c| c.code()).collect();
+        assert_eq!(codes.len(), ReplyCode::ALL.len());
+    }
+
+    /// The README's "Local replies" table lists exactly the codes the gateway can send, each with
+    /// its status.
+    #[test]
+    fn readme_error_table_matches_the_reply_codes() {
+        let readme = include_str!("../../README.md");
+        let rows: std::collections::BTreeSet<(u32, String)> = readme
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let status = cells.get(1)?.parse().ok()?;
+                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((status, code.to_string()))
+            })
+            .collect();
+        let codes: std::collections::BTreeSet<(u32, String)> = ReplyCode::ALL
+            .iter()
+            .map(|c| (c.status(), c.code().to_string()))
+            .collect();
+        assert_eq!(
+            rows, codes,
+            "README.md's error table and ReplyCode::ALL differ"
+        );
     }
 }

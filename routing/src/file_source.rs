@@ -5,6 +5,7 @@
 //! table keeps serving. The file must be valid at start, so a gateway never starts half-routed.
 
 use crate::key::validate_id;
+use crate::stats::SourceStats;
 use crate::table::{RouteSpec, RouteTable};
 use crate::token::parse_sha256_hex;
 use serde::Deserialize;
@@ -12,7 +13,7 @@ use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -109,20 +110,6 @@ pub fn parse_routes(path: &Path, bytes: &[u8]) -> Result<Vec<RouteSpec>, RouteFi
         });
     }
     Ok(out)
-}
-
-/// Counters a host (Envoy module, extproc) publishes as metrics. The file source fills the
-/// reload counters, the Kubernetes source the watch ones.
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    pub reloads_ok: AtomicU64,
-    pub reloads_failed: AtomicU64,
-    pub routes: AtomicU64,
-    pub watch_errors: AtomicU64,
-    pub relists: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub ip_fenced: AtomicU64,
-    pub stale_ignored: AtomicU64,
 }
 
 /// What identifies a version of the file without reading it.

@@ -5,7 +5,43 @@
 //! present-but-malformed key is an error rather than a fall-through, so a bad header can never be
 //! "rescued" by a Host that points somewhere else.
 
-use crate::config::KeyConfig;
+use crate::reply::ReplyCode;
+
+/// Header names that carry the sandbox key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderNames {
+    pub id: String,
+    pub port: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            id: "x-sandbox-id".into(),
+            port: "x-sandbox-port".into(),
+        }
+    }
+}
+
+impl HeaderNames {
+    /// E2B clients' header names.
+    pub fn e2b() -> Self {
+        HeaderNames {
+            id: "e2b-sandbox-id".into(),
+            port: "e2b-sandbox-port".into(),
+        }
+    }
+}
+
+/// How keys are found in a request (see `key::extract`). A `None`/empty source is switched off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub headers: Option<HeaderNames>,
+    /// Host `<port>-<id>.<domain>` is recognised for these domains (lowercase, no leading dot).
+    pub host_domains: Vec<String>,
+    /// Path `<prefix>/<id>/<port>/...`, prefix stripped before forwarding.
+    pub path_prefix: Option<String>,
+}
 
 /// Longest sandbox ID: one DNS label.
 pub const MAX_ID_LEN: usize = 63;
@@ -60,26 +96,31 @@ impl PathRewrite<'_> {
     }
 }
 
-/// Why a request has no usable key. Each maps to a 400 with a stable error code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a request has no usable key. Each is a 400 whose code and message
+/// [`ReplyCode`] owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("no sandbox id in the request (header, host or path)")]
     Missing,
-    #[error("sandbox id is not a valid DNS label (1-63 chars of a-z, 0-9, '-')")]
     InvalidId,
-    #[error("sandbox port must be a decimal number from 1 to 65535")]
     InvalidPort,
-    #[error("a sandbox routing header was sent more than once")]
     DuplicateHeader,
 }
 
-impl KeyError {
-    pub fn code(self) -> &'static str {
-        match self {
-            KeyError::Missing => "missing_sandbox_id",
-            KeyError::InvalidId => "invalid_sandbox_id",
-            KeyError::InvalidPort => "invalid_sandbox_port",
-            KeyError::DuplicateHeader => "duplicate_header",
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(ReplyCode::from(*self).message())
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+impl From<KeyError> for ReplyCode {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Missing => ReplyCode::MissingSandboxId,
+            KeyError::InvalidId => ReplyCode::InvalidSandboxId,
+            KeyError::InvalidPort => ReplyCode::InvalidSandboxPort,
+            KeyError::DuplicateHeader => ReplyCode::DuplicateHeader,
         }
     }
 }
@@ -246,7 +287,7 @@ fn from_path<'a>(path: &'a [u8], prefix: &[u8]) -> Result<Option<SandboxKey<'a>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{HeaderNames, KeyConfig};
+    use super::{HeaderNames, KeyConfig};
 
     #[derive(Default)]
     struct Req {

@@ -7,9 +7,10 @@
 //! holds one record per pod plus a bounded set of tombstones.
 
 use crate::config::KubeSourceConfig;
-use crate::file_source::SourceStats;
+use crate::contract::{self, PORT_ANNOTATION, TOKEN_SHA256_ANNOTATION};
 use crate::key::validate_id;
 use crate::pod_index::{Change, PodIndex, PodInfo};
+use crate::stats::SourceStats;
 use crate::table::RouteTable;
 use crate::token::parse_sha256_hex;
 use futures_util::StreamExt;
@@ -21,9 +22,6 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-pub const PORT_ANNOTATION: &str = "sandboxgateway.io/port";
-pub const TOKEN_ANNOTATION: &str = "sandboxgateway.io/access-token-sha256";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -88,7 +86,7 @@ pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
             }
         },
     };
-    let token_sha256 = match annotations.and_then(|a| a.get(TOKEN_ANNOTATION)) {
+    let token_sha256 = match annotations.and_then(|a| a.get(TOKEN_SHA256_ANNOTATION)) {
         None => None,
         Some(h) => {
             let parsed = parse_sha256_hex(h);
@@ -109,7 +107,7 @@ pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
         .filter(|_| !host_network && routable);
     let ready = status
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        .is_some_and(|cs| contract::is_ready(cs.iter().map(|c| (&*c.type_, &*c.status))));
     Some(PodInfo {
         uid,
         key,
@@ -278,13 +276,13 @@ mod tests {
         json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
     }
 
-    const LABEL: &str = crate::config::SANDBOX_ID_LABEL;
+    const LABEL: &str = contract::SANDBOX_ID_LABEL;
 
     #[test]
     fn reads_the_route_contract() {
         let sha = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
         let p = pod(
-            json!({"annotations": {PORT_ANNOTATION: "3000", TOKEN_ANNOTATION: sha}}),
+            json!({"annotations": {PORT_ANNOTATION: "3000", TOKEN_SHA256_ANNOTATION: sha}}),
             ready("10.1.2.3"),
         );
         let i = pod_info(&p, LABEL, 8080).unwrap();
@@ -337,7 +335,7 @@ mod tests {
         );
         assert_eq!(pod_info(&bad_port, LABEL, 1).unwrap().ip, None);
         let bad_token = pod(
-            json!({"annotations": {TOKEN_ANNOTATION: "xyz"}}),
+            json!({"annotations": {TOKEN_SHA256_ANNOTATION: "xyz"}}),
             ready("10.0.0.1"),
         );
         assert_eq!(pod_info(&bad_token, LABEL, 1).unwrap().ip, None);

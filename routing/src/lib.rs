@@ -3,17 +3,22 @@
 //! Pure Rust with no Envoy types: key extraction from a request, the route table, route sources,
 //! access tokens and last-active tracking. Everything on the per-request path is allocation-free.
 
+#![forbid(unsafe_code)]
+
 pub mod activity;
 pub mod config;
+pub mod contract;
 pub mod decide;
 pub mod file_source;
 pub mod key;
 pub mod kube_source;
 pub mod pod_index;
+pub mod reply;
 pub mod source;
+pub mod stats;
 pub mod table;
 pub mod token;
 
-pub use config::{ConfigError, GatewayConfig, KeyConfig};
-pub use key::{extract, KeyError, KeySource, RequestView, SandboxKey};
+pub use config::{ConfigError, GatewayConfig};
+pub use key::{extract, KeyConfig, KeyError, KeySource, RequestView, SandboxKey};
 pub use table::{Route, RouteSpec, RouteTable, TargetBuf};

@@ -1,7 +1,7 @@
 //! The Kubernetes route contract as plain data: pods in, route changes out.
 //!
 //! Kept free of the watcher so the rules that keep traffic on the right pod are unit-tested:
-//! - a pod is a route when it has the sandbox label, a pod IP, is Ready and not being deleted;
+//! - a pod is a route when it satisfies the route contract (`contract::PodFacts::routable`);
 //! - events older than what we hold for a pod (by resourceVersion) are ignored, and a removed pod's
 //!   UID keeps a tombstone at its removal's resourceVersion, so a replayed or stale event can never
 //!   resurrect it;
@@ -10,6 +10,7 @@
 //! - two live pods claiming one sandbox ID: the oldest keeps it (a newcomer cannot take over a
 //!   running sandbox's traffic), ties broken by namespace/name; the conflict is counted and logged.
 
+use crate::contract::PodFacts;
 use crate::table::RouteSpec;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -35,8 +36,13 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    fn routable(&self) -> bool {
-        self.sandbox_id.is_some() && self.ip.is_some() && self.ready && !self.deleting
+    fn facts(&self) -> PodFacts {
+        PodFacts {
+            has_valid_id: self.sandbox_id.is_some(),
+            has_ip: self.ip.is_some(),
+            ready: self.ready,
+            deleting: self.deleting,
+        }
     }
 }
 
@@ -117,7 +123,7 @@ impl PodIndex {
             self.unclaim(&old);
             touched.extend(old.sandbox_id.clone());
         }
-        if let (Some(ip), true) = (pod.ip, pod.routable()) {
+        if let (Some(ip), true) = (pod.ip, pod.facts().routable()) {
             let newer = match self.ip_owner.get(&ip) {
                 Some((rv, uid)) => *uid == pod.uid || pod.resource_version >= *rv,
                 None => true,
@@ -235,7 +241,7 @@ impl PodIndex {
             .ip_owner
             .get(&ip)
             .is_some_and(|(_, owner)| **owner == *uid);
-        (pod.routable() && owns_ip).then_some(pod)
+        (pod.facts().routable() && owns_ip).then_some(pod)
     }
 
     fn pending(&self, uid: &str) -> Option<&PodInfo> {
@@ -244,7 +250,7 @@ impl PodIndex {
             .ip
             .and_then(|ip| self.ip_owner.get(&ip))
             .is_some_and(|(_, owner)| **owner != *uid);
-        (!pod.deleting && !fenced).then_some(pod)
+        (pod.facts().known() && !fenced).then_some(pod)
     }
 
     fn spec(&self, id: &str, pod: &PodInfo, ready: bool) -> RouteSpec {

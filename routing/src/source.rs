@@ -3,7 +3,8 @@
 //! runs the rest on the caller's tokio runtime.
 
 use crate::config::RouteSourceConfig;
-use crate::file_source::{FileSource, RouteFileError, SourceStats};
+use crate::file_source::{FileSource, RouteFileError};
+use crate::stats::SourceStats;
 use crate::table::RouteTable;
 use std::sync::Arc;
 

@@ -2,8 +2,9 @@
 //! `cargo test -p sandbox-routing --test real_cluster -- --ignored`
 //! Uses `$KUBECONFIG` or `~/.kube/config`; needs list/watch on pods. Read-only: it creates nothing.
 
-use routing::config::{KubeSourceConfig, RouteSourceConfig, SANDBOX_ID_LABEL};
-use routing::file_source::SourceStats;
+use routing::config::{KubeSourceConfig, RouteSourceConfig};
+use routing::contract::SANDBOX_ID_LABEL;
+use routing::stats::SourceStats;
 use routing::RouteTable;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,7 +9,7 @@
 //! Memory is live heap bytes (a counting allocator), not RSS, so it is what stays after the list.
 
 use routing::config::{KubeSourceConfig, RouteSourceConfig};
-use routing::file_source::SourceStats;
+use routing::stats::SourceStats;
 use routing::RouteTable;
 use sandbox_gateway_tests::fake_apiserver::pods::{fake_pod, set_ready};
 use sandbox_gateway_tests::fake_apiserver::FakeApiServer;
@@ -138,7 +138,7 @@ fn main() {
         )).expect("kubeconfig");
         let cfg = RouteSourceConfig::Kubernetes(KubeSourceConfig {
             namespaces: vec![],
-            label: routing::config::SANDBOX_ID_LABEL.into(),
+            label: routing::contract::SANDBOX_ID_LABEL.into(),
             kubeconfig: Some(kubeconfig),
             default_port: 8080,
         });

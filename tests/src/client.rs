@@ -61,7 +61,7 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resu
     send_raw(addr, req.as_bytes()).await
 }
 
-pub(crate) fn parse(buf: &[u8]) -> Result<Response> {
+pub fn parse(buf: &[u8]) -> Result<Response> {
     let mut hs = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Response::new(&mut hs);
     let n = match r.parse(buf)? {

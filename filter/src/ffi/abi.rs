@@ -2,7 +2,8 @@
 //!
 //! Written from the ABI's documented C prototypes; only the parts this module uses. Every
 //! callback declared here must be exported by the Envoy binary: `tests/tests/abi_symbols.rs`
-//! checks that with `nm -D`. Nothing outside `ffi/` uses these directly.
+//! checks both binaries' dynamic symbol tables. Nothing outside `ffi/` (and the hooks
+//! `export_http_filter!` emits) uses these directly.
 
 #![allow(non_camel_case_types, dead_code)]
 

@@ -1,8 +1,19 @@
-//! The Envoy 1.40 dynamic-module binding: raw ABI (`abi`), the safe handles the filter logic
-//! uses (`handle`), and the exported hooks (`hooks`). All `unsafe` code of the crate is here.
+//! The Envoy 1.40 dynamic-module binding, which knows nothing of what the filter does:
+//! - `abi`: the raw C declarations;
+//! - `filter`: the traits a module implements (`HttpFilterConfig`, `HttpFilter`) and the ones it
+//!   is handed (`Stream`, `ConfigEnvoy`), so filter logic is unit-tested against fakes;
+//! - `envoy`: those traits over the real ABI;
+//! - `hooks`: the exported hooks, generic over the config type, behind `export_http_filter!`.
+//!
+//! All `unsafe` code of the crate is in this module (the crate root denies it elsewhere).
 
-mod abi;
-pub mod handle;
-mod hooks;
+pub(crate) mod abi;
+mod envoy;
+mod filter;
+pub(crate) mod hooks;
 
-pub use handle::{FilterConfigHandle, Header, MetricId, RequestHeaders, Stream};
+pub use filter::{
+    Commit, ConfigEnvoy, Header, HeaderMap, HeadersStatus, HttpFilter, HttpFilterConfig,
+    MetricError, MetricId, Stream,
+};
+pub use hooks::{panics, reentries};

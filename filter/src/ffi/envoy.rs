@@ -1,10 +1,11 @@
-//! Safe handles over the raw ABI: what the filter logic is allowed to do to Envoy.
+//! The real Envoy behind the `filter.rs` traits: safe wrappers over the raw ABI calls.
 //!
-//! A `Stream` exists only inside a hook, borrowed for that hook, so buffers Envoy lends us
+//! An `EnvoyStream` exists only inside a hook, borrowed for that hook, so buffers Envoy lends us
 //! (header values) cannot outlive it; getters borrow `&self` and setters need `&mut self`, so a
 //! value read from a header map can't be used after the map changes.
 
 use super::abi;
+use super::filter::{Commit, ConfigEnvoy, Header, HeaderMap, MetricError, MetricId, Stream};
 use std::ffi::c_char;
 use std::marker::PhantomData;
 
@@ -20,15 +21,6 @@ const NULL_BUF: abi::module_buffer = abi::module_buffer {
     length: 0,
 };
 
-/// What a header lookup found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Header<'a> {
-    Absent,
-    One(&'a [u8]),
-    /// Sent more than once.
-    Many,
-}
-
 const INLINE_HEADERS: usize = 32;
 const EMPTY_HEADER: abi::envoy_http_header = abi::envoy_http_header {
     key_ptr: std::ptr::null(),
@@ -39,11 +31,11 @@ const EMPTY_HEADER: abi::envoy_http_header = abi::envoy_http_header {
 
 /// A snapshot of the request headers, borrowed from the stream: the values are Envoy's buffers,
 /// valid until the header map changes, which needs `&mut Stream` and so ends this borrow.
-pub struct RequestHeaders<'s> {
+pub struct EnvoyHeaders<'s> {
     inline: [abi::envoy_http_header; INLINE_HEADERS],
     spill: Vec<abi::envoy_http_header>,
     len: usize,
-    _stream: PhantomData<&'s Stream<'s>>,
+    _stream: PhantomData<&'s EnvoyStream<'s>>,
 }
 
 /// # Safety
@@ -57,7 +49,7 @@ unsafe fn bytes<'a>(ptr: *const c_char, len: usize) -> &'a [u8] {
     }
 }
 
-impl RequestHeaders<'_> {
+impl EnvoyHeaders<'_> {
     fn entries(&self) -> &[abi::envoy_http_header] {
         if self.spill.is_empty() {
             &self.inline[..self.len]
@@ -65,9 +57,10 @@ impl RequestHeaders<'_> {
             &self.spill[..self.len]
         }
     }
+}
 
-    /// The value of `name` (lowercase, as Envoy stores names), or `Many` if sent repeatedly.
-    pub fn get(&self, name: &str) -> Header<'_> {
+impl HeaderMap for EnvoyHeaders<'_> {
+    fn get(&self, name: &str) -> Header<'_> {
         let mut found = Header::Absent;
         for h in self.entries() {
             // SAFETY: Envoy's header buffers live until the map changes, which cannot happen
@@ -86,22 +79,31 @@ impl RequestHeaders<'_> {
 }
 
 /// One HTTP stream, for the duration of one hook.
-pub struct Stream<'h> {
+pub struct EnvoyStream<'h> {
     raw: abi::filter_envoy_ptr,
     _hook: PhantomData<&'h mut ()>,
 }
 
-impl Stream<'_> {
+impl EnvoyStream<'_> {
     /// # Safety
-    /// `raw` must be the filter pointer Envoy passed to the running hook.
+    /// `raw` must be the stream pointer Envoy passed to the running hook; the value must not
+    /// outlive that hook.
     pub(super) unsafe fn from_hook(raw: abi::filter_envoy_ptr) -> Self {
-        Stream {
+        EnvoyStream {
             raw,
             _hook: PhantomData,
         }
     }
+}
 
-    pub fn set_request_header(&mut self, name: &str, value: &[u8]) -> bool {
+impl Stream for EnvoyStream<'_> {
+    type Headers<'a>
+        = EnvoyHeaders<'a>
+    where
+        Self: 'a;
+    type Scheduler = EnvoyScheduler;
+
+    fn set_request_header(&mut self, name: &str, value: &[u8]) -> bool {
         if value.is_empty() {
             // An empty value means "remove" to Envoy; never do that by accident.
             return false;
@@ -120,7 +122,7 @@ impl Stream<'_> {
     /// All request headers in one call. Envoy's per-name lookup costs ~540 instructions for a
     /// present header and ~1,900 for an absent one (callgrind); the request path asks about
     /// several mostly-absent headers, so one snapshot scanned in Rust is far cheaper.
-    pub fn request_headers(&self) -> RequestHeaders<'_> {
+    fn request_headers(&self) -> EnvoyHeaders<'_> {
         // SAFETY: `raw` is live for this hook.
         let n = unsafe {
             abi::envoy_dynamic_module_callback_http_get_headers_size(
@@ -128,7 +130,7 @@ impl Stream<'_> {
                 abi::HEADER_TYPE_REQUEST,
             )
         };
-        let mut snap = RequestHeaders {
+        let mut snap = EnvoyHeaders {
             inline: [EMPTY_HEADER; INLINE_HEADERS],
             spill: Vec::new(),
             len: 0,
@@ -141,23 +143,24 @@ impl Stream<'_> {
             snap.spill = vec![EMPTY_HEADER; n];
             snap.spill.as_mut_ptr()
         };
-        // SAFETY: `dst` has room for the `n` entries Envoy reported for this same map, and nothing
-        // changes the map between the two calls (we hold `&self` on the worker thread).
-        if n > 0
-            && unsafe {
+        let filled = n > 0 && {
+            // SAFETY: `dst` has room for the `n` entries Envoy reported for this same map, and
+            // nothing changes the map between the two calls (we hold `&self` on the worker).
+            unsafe {
                 abi::envoy_dynamic_module_callback_http_get_headers(
                     self.raw,
                     abi::HEADER_TYPE_REQUEST,
                     dst,
                 )
             }
-        {
+        };
+        if filled {
             snap.len = n;
         }
         snap
     }
 
-    pub fn remove_request_header(&mut self, name: &str) {
+    fn remove_request_header(&mut self, name: &str) {
         // SAFETY: `raw` is live for this hook; a null value is the ABI's "remove".
         unsafe {
             abi::envoy_dynamic_module_callback_http_set_header(
@@ -170,7 +173,7 @@ impl Stream<'_> {
     }
 
     /// Sends a local reply; Envoy ends the stream with it.
-    pub fn send_response(
+    fn send_response(
         &mut self,
         status: u32,
         headers: &[(&str, &[u8])],
@@ -202,7 +205,7 @@ impl Stream<'_> {
 
     /// Sets a typed filter-state object built by Envoy's factory for `key` from `value`.
     /// Returns false when Envoy rejects the value.
-    pub fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool {
+    fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool {
         // SAFETY: `raw` is live for this hook; Envoy copies both buffers during the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_set_filter_state_typed(
@@ -213,25 +216,24 @@ impl Stream<'_> {
         }
     }
 
-    pub fn clear_route_cache(&mut self) {
+    fn clear_route_cache(&mut self) {
         // SAFETY: `raw` is live for this hook.
         unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(self.raw) }
     }
 
     /// Resumes a request stopped in `on_request_headers`.
-    pub fn continue_decoding(&mut self) {
+    fn continue_decoding(&mut self) {
         // SAFETY: `raw` is live for this hook, which runs on the stream's worker thread.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.raw) }
     }
 
-    /// A handle another thread can use to wake this stream (see `Scheduler`).
-    pub fn scheduler(&mut self) -> Option<Scheduler> {
+    fn scheduler(&mut self) -> Option<EnvoyScheduler> {
         // SAFETY: `raw` is live for this hook, which runs on the stream's worker thread.
         let raw = unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.raw) };
-        (!raw.is_null()).then_some(Scheduler { raw })
+        (!raw.is_null()).then_some(EnvoyScheduler { raw })
     }
 
-    pub fn increment_counter(&mut self, id: MetricId, label: Option<&str>, by: u64) {
+    fn increment_counter(&mut self, id: MetricId, label: Option<&str>, by: u64) {
         let mut labels = label.map(|l| [mbuf(l.as_bytes())]);
         let (ptr, len) = match labels.as_mut() {
             Some(l) => (l.as_mut_ptr(), 1),
@@ -246,7 +248,7 @@ impl Stream<'_> {
         }
     }
 
-    pub fn record_histogram(&mut self, id: MetricId, value: u64) {
+    fn record_histogram(&mut self, id: MetricId, value: u64) {
         // SAFETY: `raw` is live for this hook; `id` came from define_histogram on this config.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
@@ -260,19 +262,18 @@ impl Stream<'_> {
     }
 }
 
-/// Wakes a stream from any thread: `commit(event)` runs `on_scheduled(event)` on the stream's
-/// worker, or nothing if the stream is already gone. Dropping it frees Envoy's object, so the
-/// owner of the last commit must be the one that drops it (it is not `Clone`).
-pub struct Scheduler {
+/// A stream's scheduler (see [`Commit`]). Not `Clone`: its one owner makes the last commit and
+/// then frees Envoy's object by dropping it.
+pub struct EnvoyScheduler {
     raw: abi::filter_scheduler_ptr,
 }
 
 // SAFETY: Envoy documents scheduler_commit as callable from any thread; the pointer is only
 // freed in Drop, which takes ownership, so no commit can race with it.
-unsafe impl Send for Scheduler {}
+unsafe impl Send for EnvoyScheduler {}
 
-impl Scheduler {
-    pub fn commit(&self, event_id: u64) {
+impl Commit for EnvoyScheduler {
+    fn commit(&self, event_id: u64) {
         // SAFETY: `raw` is live until Drop; commit is thread-safe per the ABI.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(self.raw, event_id)
@@ -280,34 +281,17 @@ impl Scheduler {
     }
 }
 
-impl Drop for Scheduler {
+impl Drop for EnvoyScheduler {
     fn drop(&mut self) {
         // SAFETY: `raw` came from scheduler_new and is deleted exactly once, here.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(self.raw) }
     }
 }
 
-/// A metric defined at config load.
-#[derive(Debug, Clone, Copy)]
-pub struct MetricId(usize);
-
-#[derive(Debug, thiserror::Error)]
-#[error("defining metric {name}: Envoy returned {code}")]
-pub struct MetricError {
-    name: &'static str,
-    code: u32,
-}
-
 /// The filter config as Envoy sees it. Metric definitions are only accepted during config load.
-pub struct FilterConfigHandle {
+pub struct EnvoyConfig {
     raw: abi::filter_config_envoy_ptr,
 }
-
-// SAFETY: the config pointer stays valid until config_destroy (which stops every thread that
-// holds this first); the calls made through it (config-level metrics, scheduler creation) are the
-// ones Envoy documents as usable outside a stream.
-unsafe impl Send for FilterConfigHandle {}
-unsafe impl Sync for FilterConfigHandle {}
 
 #[derive(Clone, Copy)]
 enum MetricKind {
@@ -316,9 +300,11 @@ enum MetricKind {
     Histogram,
 }
 
-impl FilterConfigHandle {
-    pub(super) fn new(raw: abi::filter_config_envoy_ptr) -> Self {
-        FilterConfigHandle { raw }
+impl EnvoyConfig {
+    /// # Safety
+    /// `raw` must be the config pointer Envoy passed to the running config hook.
+    pub(super) unsafe fn from_hook(raw: abi::filter_config_envoy_ptr) -> Self {
+        EnvoyConfig { raw }
     }
 
     fn define(
@@ -361,24 +347,25 @@ impl FilterConfigHandle {
             Err(MetricError { name, code })
         }
     }
+}
 
-    pub fn define_counter(
-        &self,
-        name: &'static str,
-        labels: &[&str],
-    ) -> Result<MetricId, MetricError> {
+impl ConfigEnvoy for EnvoyConfig {
+    type Scheduler = EnvoyConfigScheduler;
+
+    fn define_counter(&self, name: &'static str, labels: &[&str]) -> Result<MetricId, MetricError> {
         self.define(MetricKind::Counter, name, labels)
     }
-    pub fn define_gauge(&self, name: &'static str) -> Result<MetricId, MetricError> {
+    fn define_gauge(&self, name: &'static str) -> Result<MetricId, MetricError> {
         self.define(MetricKind::Gauge, name, &[])
     }
-    pub fn define_histogram(&self, name: &'static str) -> Result<MetricId, MetricError> {
+    fn define_histogram(&self, name: &'static str) -> Result<MetricId, MetricError> {
         self.define(MetricKind::Histogram, name, &[])
     }
 
     /// Config-level updates; called on the main thread from `on_config_scheduled`.
-    pub fn set_gauge(&self, id: MetricId, value: u64) {
-        // SAFETY: `raw` is live (see the Send/Sync note); `id` came from define_gauge.
+    fn set_gauge(&self, id: MetricId, value: u64) {
+        // SAFETY: `raw` is the config of the running config hook (`from_hook`); `id` came from
+        // define_gauge on it.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_set_gauge(
                 self.raw,
@@ -389,8 +376,9 @@ impl FilterConfigHandle {
             );
         }
     }
-    pub fn increment_counter(&self, id: MetricId, by: u64) {
-        // SAFETY: `raw` is live (see the Send/Sync note); `id` came from define_counter.
+    fn increment_counter(&self, id: MetricId, by: u64) {
+        // SAFETY: `raw` is the config of the running config hook (`from_hook`); `id` came from
+        // define_counter on it.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
                 self.raw,
@@ -403,27 +391,28 @@ impl FilterConfigHandle {
     }
 
     /// A scheduler whose events run `on_config_scheduled` on Envoy's main thread.
-    pub fn scheduler(&self) -> Option<ConfigScheduler> {
+    fn scheduler(&self) -> Option<EnvoyConfigScheduler> {
         // SAFETY: `raw` is the live config; called from config_new on the main thread.
         let raw = unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.raw)
         };
-        (!raw.is_null()).then_some(ConfigScheduler { raw })
+        (!raw.is_null()).then_some(EnvoyConfigScheduler { raw })
     }
 }
 
-/// Like `Scheduler`, for the config (events run on the main thread).
-pub struct ConfigScheduler {
+/// The config's scheduler (events run on the main thread).
+pub struct EnvoyConfigScheduler {
     raw: abi::filter_config_scheduler_ptr,
 }
 
 // SAFETY: commit is documented as callable from any thread; delete happens once, in Drop, after
 // its owner (the config) has stopped the threads that commit.
-unsafe impl Send for ConfigScheduler {}
-unsafe impl Sync for ConfigScheduler {}
+unsafe impl Send for EnvoyConfigScheduler {}
+// SAFETY: as for Send: commit is thread-safe, and `&self` gives access to nothing else.
+unsafe impl Sync for EnvoyConfigScheduler {}
 
-impl ConfigScheduler {
-    pub fn commit(&self, event_id: u64) {
+impl Commit for EnvoyConfigScheduler {
+    fn commit(&self, event_id: u64) {
         // SAFETY: `raw` is live until Drop.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
@@ -433,7 +422,7 @@ impl ConfigScheduler {
     }
 }
 
-impl Drop for ConfigScheduler {
+impl Drop for EnvoyConfigScheduler {
     fn drop(&mut self) {
         // SAFETY: `raw` came from config_scheduler_new and is deleted exactly once, here.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.raw) }
