@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
+.PHONY: all tools envoy build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
 
 all: build
 
@@ -51,6 +51,12 @@ demo-check: envoy
 	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
 	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only --mode extproc
+
+# Rewrites deploy/base/envoy-configmap.yaml from envoy/gateway.yaml.tmpl and the deploy-only parts
+# in deploy/base/envoy-configmap.yaml.tmpl (deploy/gen; no Envoy needed). A test in
+# tests/tests/deploy_manifests.rs fails while the committed file is stale.
+deploy-bootstrap:
+	$(CARGO) run -q -p sandbox-gateway-deploy-gen
 
 lint:
 	$(CARGO) fmt --all -- --check
