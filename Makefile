@@ -9,15 +9,14 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
+.PHONY: all tools envoy build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
 
 all: build
 
-# System tools a fresh Debian machine may lack: nm (binutils; a test checks the module's
-# imports against Envoy's exports) and the venv/pip support `make envoy` needs.
+# System tools a fresh Debian machine may lack: the venv/pip support `make envoy` needs. (The
+# test of the module's imports against Envoy's exports reads the symbol tables itself, no nm.)
 tools:
 	@missing=(); \
-	command -v nm >/dev/null || missing+=(binutils); \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv); \
 	if (( $${#missing[@]} )); then \
 	  echo "installing $${missing[*]}"; \
@@ -51,6 +50,12 @@ demo-check: envoy
 	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
 	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only --mode extproc
+
+# Rewrites deploy/base/envoy-configmap.yaml from envoy/gateway.yaml.tmpl and the deploy-only parts
+# in deploy/base/envoy-configmap.yaml.tmpl (deploy/gen; no Envoy needed). A test in
+# tests/tests/deploy_manifests.rs fails while the committed file is stale.
+deploy-bootstrap:
+	$(CARGO) run -q -p sandbox-gateway-deploy-gen
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,33 +1,36 @@
-//! The module's link contract with Envoy 1.40, checked on the real binaries with `nm -D`:
-//! every callback the module imports is exported by Envoy (else dlopen fails, or worse, a lazily
-//! bound call aborts at run time), and every hook Envoy requires is exported by the module.
+//! The module's link contract with Envoy 1.40, checked on the real binaries' dynamic symbol
+//! tables (read with the `object` crate): every callback the module imports is exported by Envoy
+//! (else dlopen fails, or worse, a lazily bound call aborts at run time), and every hook Envoy
+//! requires is exported by the module.
 
+use object::{Object, ObjectSymbol};
 use sandbox_gateway_tests::envoy::{envoy_bin, module_dir};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
+/// The names in the ELF dynamic symbol table (`.dynsym`, what the dynamic linker resolves):
+/// `defined` = exported by this file, else imported (undefined here, expected from another).
 fn dynamic_symbols(path: &Path, defined: bool) -> BTreeSet<String> {
-    let flag = if defined {
-        "--defined-only"
-    } else {
-        "--undefined-only"
-    };
-    let out = Command::new("nm")
-        .args(["-D", flag])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("running nm (binutils) on {}: {e}", path.display()));
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let file = object::File::parse(&*data)
+        .unwrap_or_else(|e| panic!("{} is not an object file: {e}", path.display()));
+    let names: BTreeSet<String> = file
+        .dynamic_symbols()
+        .filter(|s| s.is_undefined() != defined)
+        .map(|s| {
+            s.name()
+                .unwrap_or_else(|e| panic!("a symbol name in {}: {e}", path.display()))
+                .to_string()
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
     assert!(
-        out.status.success(),
-        "nm failed on {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
+        !names.is_empty(),
+        "no {} dynamic symbols in {} (not a dynamically linked ELF file?)",
+        if defined { "defined" } else { "undefined" },
+        path.display()
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
-        .collect()
+    names
 }
 
 const MANDATORY_HOOKS: &[&str] = &[

@@ -1,9 +1,11 @@
 //! Checks of the Kubernetes manifests under `deploy/` (no cluster is reachable here):
-//! - every YAML document parses, and the kustomization lists exactly the manifests that exist;
+//! - every YAML document parses into the typed `k8s-openapi` struct of its kind, with no field
+//!   that kind does not know, and the kustomization lists exactly the manifests that exist;
 //! - RBAC grants exactly get/list/watch on pods, to the ServiceAccount the Deployment uses;
-//! - the Envoy bootstrap in the ConfigMap keeps the listener/HTTP settings of
-//!   `envoy/gateway.yaml.tmpl`, and its module config is a `kubernetes` route source the
-//!   gateway's own config parser accepts;
+//! - the Envoy bootstrap in the ConfigMap is what `make deploy-bootstrap` generates from
+//!   `envoy/gateway.yaml.tmpl` and `deploy/base/envoy-configmap.yaml.tmpl`, keeps the
+//!   listener/HTTP settings of the former, and its module config is a `kubernetes` route source
+//!   the gateway's own config parser accepts (the bootstrap is Envoy's schema: untyped here);
 //! - the Deployment wiring (module path, probes, drain, security) is consistent;
 //! - the bootstrap itself runs in the real Envoy 1.40 with the module, against the in-test
 //!   Kubernetes API server: a labelled pod is routed, the ops listener exposes only /ready and
@@ -13,6 +15,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, Service, ServiceAccount, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resource};
 use routing::config::{GatewayConfig, RouteSourceConfig};
 use sandbox_gateway_tests::client;
 use sandbox_gateway_tests::envoy::{admin_get, render, repo_root, Envoy, EnvoyOptions};
@@ -20,6 +33,8 @@ use sandbox_gateway_tests::fake_apiserver::{
     fake_pod, set_annotation, set_ready, FakeApiServer, PORT_ANNOTATION,
 };
 use sandbox_gateway_tests::sandbox::SandboxServer;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 fn deploy_dir() -> PathBuf {
@@ -67,14 +82,95 @@ fn all_docs() -> Vec<(PathBuf, Value)> {
     out
 }
 
-fn find(kind: &str, name: &str) -> Value {
-    let hits: Vec<Value> = all_docs()
+/// Whether objects of a `k8s-openapi` scope live in a namespace.
+trait Scope {
+    const NAMESPACED: bool;
+}
+impl Scope for NamespaceResourceScope {
+    const NAMESPACED: bool = true;
+}
+impl Scope for ClusterResourceScope {
+    const NAMESPACED: bool = false;
+}
+
+/// A Kubernetes kind the manifests may use.
+trait Kind: Resource<Scope: Scope> + Metadata<Ty = ObjectMeta> + DeserializeOwned + Serialize {}
+impl<K> Kind for K where
+    K: Resource<Scope: Scope> + Metadata<Ty = ObjectMeta> + DeserializeOwned + Serialize
+{
+}
+
+/// The first path where two JSON values differ.
+fn difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => x.keys().chain(y.keys()).find_map(|k| {
+            let (a, b) = (x.get(k), y.get(k));
+            let null = &Value::Null;
+            difference(a.unwrap_or(null), b.unwrap_or(null), &format!("{path}.{k}"))
+        }),
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (x, y))| difference(x, y, &format!("{path}[{i}]"))),
+        _ => (a != b).then(|| format!("{path}: {a} vs {b}")),
+    }
+}
+
+/// `doc` (from `file`) as the typed object `K`. Fails naming the file when it is not a valid `K`
+/// (wrong apiVersion or kind, a field of the wrong type) or has a field `K` does not know (which
+/// serde would otherwise drop silently, like a misspelt key): the typed object must serialize
+/// back to exactly the document.
+fn typed<K: Kind>(file: &Path, doc: &Value) -> K {
+    let what = format!("{}: {} {}", file.display(), K::API_VERSION, K::KIND);
+    let k: K = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{what}: does not parse: {e}\n{doc}"));
+    let back = serde_json::to_value(&k).unwrap();
+    if let Some(d) = difference(doc, &back, "") {
+        panic!("{what}: the manifest and its typed form differ (a field the schema lacks?) at {d}");
+    }
+    k
+}
+
+/// Parses `doc` as `K`; returns its metadata and whether `K` is namespaced.
+fn check_kind<K: Kind>(file: &Path, doc: &Value) -> (ObjectMeta, bool) {
+    let k = typed::<K>(file, doc);
+    (k.metadata().clone(), <K::Scope as Scope>::NAMESPACED)
+}
+
+/// Parses a document as one kind: [`check_kind`] for that kind.
+type Check = fn(&Path, &Value) -> (ObjectMeta, bool);
+
+/// Every Kubernetes kind under deploy/ (the kustomization is kustomize's, not an API object).
+const KINDS: &[(&str, Check)] = &[
+    (Namespace::KIND, check_kind::<Namespace>),
+    (ServiceAccount::KIND, check_kind::<ServiceAccount>),
+    (ClusterRole::KIND, check_kind::<ClusterRole>),
+    (ClusterRoleBinding::KIND, check_kind::<ClusterRoleBinding>),
+    (Role::KIND, check_kind::<Role>),
+    (RoleBinding::KIND, check_kind::<RoleBinding>),
+    (ConfigMap::KIND, check_kind::<ConfigMap>),
+    (Deployment::KIND, check_kind::<Deployment>),
+    (Service::KIND, check_kind::<Service>),
+    (PodDisruptionBudget::KIND, check_kind::<PodDisruptionBudget>),
+];
+
+/// Every object of kind `K` under deploy/, typed.
+fn all_of<K: Kind>() -> Vec<K> {
+    all_docs()
+        .iter()
+        .filter(|(_, d)| d["kind"] == K::KIND)
+        .map(|(f, d)| typed::<K>(f, d))
+        .collect()
+}
+
+fn find<K: Kind>(name: &str) -> K {
+    let mut hits: Vec<K> = all_of::<K>()
         .into_iter()
-        .map(|(_, d)| d)
-        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .filter(|k| k.metadata().name.as_deref() == Some(name))
         .collect();
-    assert_eq!(hits.len(), 1, "expected exactly one {kind} {name}");
-    hits.into_iter().next().unwrap()
+    assert_eq!(hits.len(), 1, "expected exactly one {} {name}", K::KIND);
+    hits.remove(0)
 }
 
 fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
@@ -87,9 +183,27 @@ fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {name:?} in {list}"))
 }
 
+fn container<'a>(list: Option<&'a [Container]>, name: &str) -> &'a Container {
+    list.unwrap_or_default()
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name:?}"))
+}
+
+fn mount_path<'a>(c: &'a Container, volume: &str) -> &'a str {
+    let mounts: &[VolumeMount] = c.volume_mounts.as_deref().unwrap_or_default();
+    let m = mounts.iter().find(|m| m.name == volume);
+    let m = m.unwrap_or_else(|| panic!("container {} does not mount {volume:?}", c.name));
+    &m.mount_path
+}
+
 fn bootstrap() -> Value {
-    let cm = find("ConfigMap", "sandbox-gateway-envoy");
-    let text = cm["data"]["envoy.yaml"].as_str().expect("data.envoy.yaml");
+    let cm: ConfigMap = find("sandbox-gateway-envoy");
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("envoy.yaml"))
+        .expect("data.envoy.yaml");
     let mut docs = parse_docs(text, "ConfigMap envoy.yaml");
     assert_eq!(docs.len(), 1);
     docs.remove(0)
@@ -142,13 +256,30 @@ fn address(v: &Value) -> String {
 #[test]
 fn every_manifest_parses_and_the_kustomization_lists_them() {
     let docs = all_docs();
+    let mut kustomizations = 0;
     for (f, d) in &docs {
-        assert!(
-            d["apiVersion"].is_string() && d["kind"].is_string(),
-            "{}: {d}",
-            f.display()
-        );
+        let (Some(api_version), Some(kind)) = (d["apiVersion"].as_str(), d["kind"].as_str()) else {
+            panic!(
+                "{}: a document without apiVersion and kind: {d}",
+                f.display()
+            );
+        };
+        if (api_version, kind) == ("kustomize.config.k8s.io/v1beta1", "Kustomization") {
+            kustomizations += 1;
+            continue;
+        }
+        let check = KINDS.iter().find(|(k, _)| *k == kind);
+        let (_, check) =
+            check.unwrap_or_else(|| panic!("{}: kind {kind} is not checked here", f.display()));
+        let (meta, namespaced) = check(f, d);
+        let ns = meta.namespace.as_deref();
+        if namespaced {
+            assert_eq!(ns, Some("sandbox-gateway"), "{}: {kind}", f.display());
+        } else {
+            assert_eq!(ns, None, "{}: {kind} is cluster-scoped", f.display());
+        }
     }
+    assert_eq!(kustomizations, 1);
     let base = deploy_dir().join("base");
     let k = parse_docs(
         &std::fs::read_to_string(base.join("kustomization.yaml")).unwrap(),
@@ -173,54 +304,74 @@ fn every_manifest_parses_and_the_kustomization_lists_them() {
         listed, present,
         "kustomization resources vs files in deploy/base"
     );
-    for (_, d) in &docs {
-        let kind = d["kind"].as_str().unwrap();
-        let cluster_scoped = [
-            "Namespace",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Kustomization",
-        ];
-        if !cluster_scoped.contains(&kind) {
-            assert_eq!(d["metadata"]["namespace"], "sandbox-gateway", "{kind}");
-        }
+}
+
+#[test]
+fn committed_bootstrap_is_what_the_generator_makes() {
+    use sandbox_gateway_deploy_gen::{generate_in, DEPLOY_TEMPLATE, OUTPUT, SHARED_TEMPLATE};
+    let root = repo_root();
+    let fresh = generate_in(&root).unwrap_or_else(|e| panic!("{e}"));
+    let committed = std::fs::read_to_string(root.join(OUTPUT)).unwrap();
+    if fresh != committed {
+        let line = fresh
+            .lines()
+            .zip(committed.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(fresh.lines().count().min(committed.lines().count()));
+        panic!(
+            "{OUTPUT} is not what {SHARED_TEMPLATE} and {DEPLOY_TEMPLATE} make (first difference \
+             at line {}): run `make deploy-bootstrap`",
+            line + 1
+        );
     }
 }
 
-fn assert_read_only_pods(rules: &Value, what: &str) {
-    let expected =
-        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]);
+fn assert_read_only_pods(rules: Option<&[PolicyRule]>, what: &str) {
+    let expected = [PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["pods".into()]),
+        verbs: vec!["get".into(), "list".into(), "watch".into()],
+        ..Default::default()
+    }];
     assert_eq!(
-        rules, &expected,
+        rules,
+        Some(&expected[..]),
         "{what} must grant exactly get/list/watch on pods"
     );
 }
 
 #[test]
 fn rbac_grants_exactly_read_on_pods() {
-    let docs = all_docs();
-    let roles: Vec<&Value> = docs
-        .iter()
-        .map(|(_, d)| d)
-        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
-        .collect();
-    assert_eq!(roles.len(), 1, "one ClusterRole and no other role");
-    assert_read_only_pods(&roles[0]["rules"], "the ClusterRole");
-
-    let binding = find("ClusterRoleBinding", "sandbox-gateway-pod-reader");
-    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
-    assert_eq!(binding["roleRef"]["name"], roles[0]["metadata"]["name"]);
-    let sa = json!([{"kind": "ServiceAccount", "name": "sandbox-gateway", "namespace": "sandbox-gateway"}]);
-    assert_eq!(binding["subjects"], sa);
-    find("ServiceAccount", "sandbox-gateway");
-    let dep = find("Deployment", "sandbox-gateway");
-    assert_eq!(
-        dep["spec"]["template"]["spec"]["serviceAccountName"],
-        "sandbox-gateway"
+    let roles = all_of::<ClusterRole>();
+    assert_eq!(roles.len(), 1, "one ClusterRole");
+    assert!(
+        all_of::<Role>().is_empty(),
+        "no Role besides the ClusterRole"
     );
+    assert_read_only_pods(roles[0].rules.as_deref(), "the ClusterRole");
+
+    let binding: ClusterRoleBinding = find("sandbox-gateway-pod-reader");
+    assert_eq!(binding.role_ref.api_group, ClusterRole::GROUP);
+    assert_eq!(binding.role_ref.kind, ClusterRole::KIND);
+    assert_eq!(
+        Some(&binding.role_ref.name),
+        roles[0].metadata.name.as_ref()
+    );
+    let sa = [Subject {
+        kind: ServiceAccount::KIND.into(),
+        name: "sandbox-gateway".into(),
+        namespace: Some("sandbox-gateway".into()),
+        api_group: None,
+    }];
+    assert_eq!(binding.subjects.as_deref(), Some(&sa[..]));
+    let _: ServiceAccount = find("sandbox-gateway");
+    let dep: Deployment = find("sandbox-gateway");
+    let pod = dep.spec.and_then(|s| s.template.spec).expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some("sandbox-gateway"));
 
     // The commented single-namespace alternative grants the same and nothing more.
-    let text = std::fs::read_to_string(deploy_dir().join("base/rbac.yaml")).unwrap();
+    let file = deploy_dir().join("base/rbac.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
     let start = text.find("# ---\n").expect("commented Role/RoleBinding");
     let uncommented: String = text[start..]
         .lines()
@@ -233,10 +384,15 @@ fn rbac_grants_exactly_read_on_pods() {
         .collect();
     let alt = parse_docs(&uncommented, "commented Role");
     assert_eq!(alt.len(), 2);
-    assert_eq!(alt[0]["kind"], "Role");
-    assert_read_only_pods(&alt[0]["rules"], "the commented Role");
-    assert_eq!(alt[1]["kind"], "RoleBinding");
-    assert_eq!(alt[1]["subjects"], sa);
+    let role: Role = typed(&file, &alt[0]);
+    assert_read_only_pods(role.rules.as_deref(), "the commented Role");
+    let binding: RoleBinding = typed(&file, &alt[1]);
+    assert_eq!(
+        (binding.role_ref.kind.as_str(), Some(&binding.role_ref.name)),
+        (Role::KIND, role.metadata.name.as_ref())
+    );
+    assert_eq!(binding.metadata.namespace, role.metadata.namespace);
+    assert_eq!(binding.subjects.as_deref(), Some(&sa[..]));
 }
 
 #[test]
@@ -302,89 +458,138 @@ fn bootstrap_keeps_the_gateway_settings_and_uses_the_kubernetes_source() {
 
 #[test]
 fn deployment_wiring_is_consistent() {
-    let dep = find("Deployment", "sandbox-gateway");
-    let spec = &dep["spec"];
-    assert_eq!(spec["replicas"], 2);
-    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
-    let pod = &spec["template"]["spec"];
-    let labels = &spec["template"]["metadata"]["labels"];
-    assert_eq!(&spec["selector"]["matchLabels"], labels);
+    let dep: Deployment = find("sandbox-gateway");
+    let spec = dep.spec.as_ref().expect("Deployment spec");
+    assert_eq!(spec.replicas, Some(2));
+    let rolling = spec
+        .strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref());
     assert_eq!(
-        &find("PodDisruptionBudget", "sandbox-gateway")["spec"]["selector"]["matchLabels"],
-        labels
+        rolling.and_then(|r| r.max_unavailable.as_ref()),
+        Some(&IntOrString::Int(0))
     );
-    let svc = find("Service", "sandbox-gateway");
-    assert_eq!(&svc["spec"]["selector"], labels);
-    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref());
+    assert!(labels.is_some_and(|l| !l.is_empty()), "pod labels");
+    assert_eq!(spec.selector.match_labels.as_ref(), labels);
+    let pdb: PodDisruptionBudget = find("sandbox-gateway");
+    let pdb_selector = pdb.spec.as_ref().and_then(|s| s.selector.as_ref());
+    assert_eq!(pdb_selector.and_then(|s| s.match_labels.as_ref()), labels);
+    let svc: Service = find("sandbox-gateway");
+    let svc = svc.spec.as_ref().expect("Service spec");
+    assert_eq!(svc.selector.as_ref(), labels);
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
 
-    let envoy = named(&pod["containers"], "envoy");
-    assert_eq!(envoy["image"], "envoyproxy/envoy:v1.40.0");
-    let env = named(&envoy["env"], "ENVOY_DYNAMIC_MODULES_SEARCH_PATH");
-    let mounts = &envoy["volumeMounts"];
-    assert_eq!(named(mounts, "modules")["mountPath"], env["value"]);
-    let init = named(&pod["initContainers"], "module");
-    assert_eq!(init["image"], "sandbox-gateway-module");
-    let shared = named(&init["volumeMounts"], "modules")["mountPath"]
-        .as_str()
-        .unwrap();
-    let cmd: Vec<&str> = init["command"]
-        .as_array()
-        .unwrap()
+    let envoy = container(Some(&pod.containers), "envoy");
+    assert_eq!(envoy.image.as_deref(), Some("envoyproxy/envoy:v1.40.0"));
+    let env = envoy.env.as_deref().unwrap_or_default();
+    let env = env
         .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
+        .find(|e| e.name == "ENVOY_DYNAMIC_MODULES_SEARCH_PATH")
+        .expect("ENVOY_DYNAMIC_MODULES_SEARCH_PATH");
+    assert_eq!(Some(mount_path(envoy, "modules")), env.value.as_deref());
+    let init = container(pod.init_containers.as_deref(), "module");
+    assert_eq!(init.image.as_deref(), Some("sandbox-gateway-module"));
+    let shared = mount_path(init, "modules");
+    let cmd = init.command.as_deref().unwrap_or_default();
     assert!(
-        cmd.contains(&"/modules/libsandbox_gateway.so")
-            && cmd.last() == Some(&format!("{shared}/").as_str())
+        cmd.iter().any(|c| c == "/modules/libsandbox_gateway.so")
+            && cmd.last() == Some(&format!("{shared}/")),
+        "{cmd:?}"
     );
     for c in [envoy, init] {
-        let sc = &c["securityContext"];
+        let sc = c.security_context.as_ref().expect("securityContext");
         assert_eq!(
-            (
-                sc["readOnlyRootFilesystem"].clone(),
-                sc["allowPrivilegeEscalation"].clone()
-            ),
-            (json!(true), json!(false))
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(false)),
+            "{}",
+            c.name
         );
-        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        let drop = sc.capabilities.as_ref().and_then(|c| c.drop.as_deref());
+        assert_eq!(drop, Some(&["ALL".to_string()][..]), "{}", c.name);
     }
-    let args: Vec<&str> = envoy["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = envoy.args.as_deref().unwrap_or_default();
     assert!(args
         .windows(2)
         .any(|w| w == ["--config-path", "/etc/envoy/envoy.yaml"]));
-    assert_eq!(named(mounts, "envoy-config")["mountPath"], "/etc/envoy");
+    assert_eq!(mount_path(envoy, "envoy-config"), "/etc/envoy");
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    let config = volumes.iter().find(|v| v.name == "envoy-config");
+    assert_eq!(
+        config
+            .and_then(|v| v.config_map.as_ref())
+            .map(|c| c.name.as_str()),
+        Some("sandbox-gateway-envoy"),
+        "the envoy-config volume is the bootstrap ConfigMap"
+    );
 
     // Readiness goes through the ops listener (the admin API listens on loopback only).
-    let probe = &envoy["readinessProbe"]["httpGet"];
-    assert_eq!(probe["path"], "/ready");
-    let port = named(&envoy["ports"], probe["port"].as_str().unwrap())["containerPort"].clone();
+    let probe = envoy
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref());
+    let probe = probe.expect("readinessProbe.httpGet");
+    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    let IntOrString::String(probe_port) = &probe.port else {
+        panic!("the readiness probe names its port: {:?}", probe.port);
+    };
+    let port = |name: &str| {
+        let ports = envoy.ports.as_deref().unwrap_or_default();
+        let p = ports.iter().find(|p| p.name.as_deref() == Some(name));
+        p.unwrap_or_else(|| panic!("no container port {name:?}"))
+            .container_port
+    };
     let ops = bootstrap();
     let ops = named(&ops["static_resources"]["listeners"], "ops");
-    assert_eq!(port, ops["address"]["socket_address"]["port_value"]);
-    assert_eq!(named(&envoy["ports"], "http")["containerPort"], 8080);
+    assert_eq!(
+        json!(port(probe_port)),
+        ops["address"]["socket_address"]["port_value"]
+    );
+    assert_eq!(port("http"), 8080);
+    // The Service sends client traffic to that port.
+    let svc_ports = svc.ports.as_deref().unwrap_or_default();
+    assert_eq!(
+        svc_ports
+            .iter()
+            .map(|p| p.target_port.clone())
+            .collect::<Vec<_>>(),
+        [Some(IntOrString::String("http".into()))]
+    );
 
     // The drain fits in the grace period: drain time < preStop sleep < grace period.
-    let pre_stop = envoy["lifecycle"]["preStop"]["exec"]["command"].to_string();
+    let pre_stop = envoy
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.exec.as_ref())
+        .and_then(|e| e.command.as_ref())
+        .expect("preStop exec command")
+        .join(" ");
     assert!(
         pre_stop.contains("drain_listeners?graceful") && pre_stop.contains("--post-data"),
         "{pre_stop}"
     );
-    let sleep: u64 = pre_stop
+    let sleep: i64 = pre_stop
         .split("sleep ")
         .nth(1)
         .unwrap()
         .trim_matches(|c: char| !c.is_ascii_digit())
         .parse()
         .unwrap();
-    let drain: u64 = args.windows(2).find(|w| w[0] == "--drain-time-s").unwrap()[1]
+    let drain: i64 = args.windows(2).find(|w| w[0] == "--drain-time-s").unwrap()[1]
         .parse()
         .unwrap();
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let grace = pod.termination_grace_period_seconds.expect("grace period");
     assert!(
         drain < sleep && sleep + 15 <= grace,
         "drain {drain}s, sleep {sleep}s, grace {grace}s"
