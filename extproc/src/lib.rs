@@ -3,6 +3,8 @@
 //! every Envoy replica. The binary (`src/main.rs`) is a thin CLI over [`server::serve`] and
 //! [`cli::last_active`].
 
+#![forbid(unsafe_code)]
+
 pub mod activity;
 pub mod aggregate;
 pub mod cli;

@@ -1,6 +1,8 @@
 //! `sandbox-extproc`: `serve` runs a replica; `last-active` asks replicas when each sandbox was
 //! last used.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sandbox_extproc::{cli, server};

@@ -3,6 +3,8 @@
 //! All timestamps are Unix milliseconds (`uint64`, 0 = never); see
 //! `proto/sandboxgateway/v1/activity.proto`.
 
+#![forbid(unsafe_code)]
+
 /// `sandboxgateway.v1`: the ActivityService, its messages, client and server.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
