@@ -364,25 +364,10 @@ async fn sse_stream(s: &mut Sender, req: Request<Full<Bytes>>) -> Result<(u16, u
     Ok((status, events))
 }
 
+/// `SO_LINGER` on with a zero timeout: `close` sends RST instead of entering TIME_WAIT.
 fn socket_linger_zero(tcp: &TcpStream) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid open socket fd and a correctly sized `linger` value.
-    let rc = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    rustix::net::sockopt::set_socket_linger(tcp, Some(Duration::ZERO))
+        .context("setsockopt(SO_LINGER, 0)")?;
     Ok(())
 }
 

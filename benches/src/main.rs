@@ -1,7 +1,10 @@
 //! `sandbox-bench`: what does the sandbox gateway cost? Starts upstream sandboxes, plain and
 //! module-mode Envoys (and ext_proc mode when it exists), drives the same workloads through each,
 //! interleaved round by round, and reports medians, ratios to plain Envoy, a JSON file and an SVG
-//! plot. See BENCHMARKS.md.
+//! plot. See BENCHMARKS.md; every benchmark of the workspace is listed in benches/README.md.
+
+// No unsafe code: CPU pinning, clock ticks and SO_LINGER go through `rustix`.
+#![deny(unsafe_code)]
 
 mod cli;
 mod loadgen;
@@ -77,7 +80,7 @@ fn module_dir(args: &cli::Args) -> PathBuf {
     if let Some(d) = std::env::var_os("SANDBOX_GATEWAY_MODULE_DIR") {
         return d.into();
     }
-    let root = sandbox_gateway_tests::envoy::repo_root();
+    let root = sandbox_gateway_harness::envoy::repo_root();
     let release = root.join("target/release");
     if release.join("libsandbox_gateway.so").exists() {
         release

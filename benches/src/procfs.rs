@@ -1,6 +1,8 @@
 //! CPU pinning and per-process cost from /proc: CPU seconds (utime + stime) and resident memory.
+//! The system calls go through `rustix` (no unsafe code here).
 
 use anyhow::{bail, Context, Result};
+use rustix::thread::{sched_setaffinity, CpuSet};
 
 /// Pins the calling thread (and every thread or process it creates afterwards, which inherit the
 /// mask) to `cpus`.
@@ -8,29 +10,22 @@ pub fn pin_current_thread(cpus: &[usize]) -> Result<()> {
     if cpus.is_empty() {
         bail!("empty CPU list");
     }
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, and CPU_SET only writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut set = CpuSet::new();
     for &cpu in cpus {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        if cpu >= CpuSet::MAX_CPU {
             bail!("CPU {cpu} out of range");
         }
-        // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set.set(cpu);
     }
-    // SAFETY: pid 0 is the calling thread; `set` is a valid, initialised cpu_set_t of the given size.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context(format!("sched_setaffinity({cpus:?})"));
-    }
-    Ok(())
+    // `None` is the calling thread.
+    sched_setaffinity(None, &set).with_context(|| format!("sched_setaffinity({cpus:?})"))
 }
 
 /// Clock ticks per second for /proc/<pid>/stat times.
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
+    // sysconf's -1 (an error, never seen on Linux) arrives as u64::MAX through rustix's cast.
+    let t = rustix::param::clock_ticks_per_second();
+    if t > 0 && i64::try_from(t).is_ok() {
         t as f64
     } else {
         100.0
@@ -133,6 +128,21 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(rss_kib(pid).unwrap() > 0);
+    }
+
+    #[test]
+    fn pins_the_calling_thread() {
+        // Runs on its own test thread, so the narrowed mask does not leak into other tests.
+        pin_current_thread(&[0]).unwrap();
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(str::trim);
+        assert_eq!(allowed, Some("0"));
+        assert!(pin_current_thread(&[]).is_err());
+        assert!(pin_current_thread(&[CpuSet::MAX_CPU]).is_err());
+        assert!(clk_tck() >= 1.0);
     }
 
     #[test]

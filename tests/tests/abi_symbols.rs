@@ -2,7 +2,7 @@
 //! every callback the module imports is exported by Envoy (else dlopen fails, or worse, a lazily
 //! bound call aborts at run time), and every hook Envoy requires is exported by the module.
 
-use sandbox_gateway_tests::envoy::{envoy_bin, module_dir};
+use sandbox_gateway_harness::envoy::{envoy_bin, module_dir};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;

@@ -1,57 +1,36 @@
-//! `demo-sandbox --name NAME --listen ADDR`: runs one local sandbox server (the
-//! gateway demo's upstream) until SIGINT/SIGTERM.
+//! `sandbox-echo-server --name NAME --listen ADDR`: runs one local sandbox server (the harness's
+//! `SandboxServer`: JSON echo, SSE, WebSocket, `/bench`) until SIGINT/SIGTERM. The upstream of
+//! `benches/instructions_per_request.sh` and `benches/filter_vs_static.sh`, and a sandbox to put
+//! behind your own Envoy by hand.
 //!
 //! Prints `listening on <addr>` on stdout once bound so scripts can wait for it
 //! (and learn the port when ADDR uses port 0); logs go to stderr.
 
+#![forbid(unsafe_code)]
+
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context};
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use anyhow::Context;
+use clap::Parser;
+use sandbox_gateway_harness::sandbox::SandboxServer;
 
-const USAGE: &str = "usage: demo-sandbox --name NAME --listen IP:PORT";
-
+/// One local sandbox server: echoes requests as JSON, streams SSE, answers WebSockets.
+#[derive(Parser, Debug)]
+#[command(name = "sandbox-echo-server")]
 struct Args {
+    /// The sandbox's name, reported in every echo.
+    #[arg(long)]
     name: String,
+    /// Address to listen on (`IP:PORT`; port 0 picks a free one).
+    #[arg(long, value_name = "IP:PORT")]
     listen: SocketAddr,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut name = None;
-    let mut listen = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) => (flag.to_string(), Some(value.to_string())),
-            None => (arg, None),
-        };
-        let mut value = || inline.clone().or_else(|| args.next()).context(USAGE);
-        match flag.as_str() {
-            "--name" => name = Some(value()?),
-            "--listen" => {
-                let raw = value()?;
-                listen = Some(
-                    raw.parse()
-                        .with_context(|| format!("bad --listen {raw:?}"))?,
-                );
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
-    }
-    Ok(Args {
-        name: name.context(USAGE)?,
-        listen: listen.context(USAGE)?,
-    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Usage mistakes get clap's message and exit code 2, not an error backtrace.
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -61,11 +40,6 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    // Usage mistakes get a plain message and exit code 2, not an error backtrace.
-    let args = parse_args().unwrap_or_else(|err| {
-        eprintln!("demo-sandbox: {err:#}");
-        std::process::exit(2);
-    });
     let server = SandboxServer::start(&args.name, args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -75,4 +49,36 @@ async fn main() -> anyhow::Result<()> {
         stdout.flush()?;
     }
     server.run_until_signal().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_as_the_bench_scripts_pass_them() {
+        Args::command().debug_assert();
+        for argv in [
+            &[
+                "sandbox-echo-server",
+                "--name",
+                "bench",
+                "--listen",
+                "127.0.0.1:0",
+            ][..],
+            &[
+                "sandbox-echo-server",
+                "--name=bench",
+                "--listen=127.0.0.1:0",
+            ][..],
+        ] {
+            let a = Args::try_parse_from(argv).unwrap();
+            assert_eq!((a.name.as_str(), a.listen.port()), ("bench", 0));
+        }
+        assert!(Args::try_parse_from(["sandbox-echo-server", "--name", "x"]).is_err());
+        assert!(
+            Args::try_parse_from(["sandbox-echo-server", "--name", "x", "--listen", "x"]).is_err()
+        );
+    }
 }
