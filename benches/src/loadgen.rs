@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
+use sandbox_gateway_bench::sys;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,7 +192,7 @@ impl Conn {
         if fresh {
             // Close with RST instead of FIN: thousands of connections per second would otherwise
             // leave TIME_WAIT sockets behind and exhaust loopback ephemeral ports in a few seconds.
-            socket_linger_zero(&tcp)?;
+            sys::set_zero_linger(&tcp).context("setsockopt(SO_LINGER, 0)")?;
         }
         let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(async move {
@@ -362,13 +363,6 @@ async fn sse_stream(s: &mut Sender, req: Request<Full<Bytes>>) -> Result<(u16, u
     let body = resp.into_body().collect().await?.to_bytes();
     let events = body.windows(2).filter(|w| w == b"\n\n").count() as u64;
     Ok((status, events))
-}
-
-/// `SO_LINGER` on with a zero timeout: `close` sends RST instead of entering TIME_WAIT.
-fn socket_linger_zero(tcp: &TcpStream) -> Result<()> {
-    rustix::net::sockopt::set_socket_linger(tcp, Some(Duration::ZERO))
-        .context("setsockopt(SO_LINGER, 0)")?;
-    Ok(())
 }
 
 /// One GET with `id`, for readiness checks: the status, or an error if the target is not serving.

@@ -3,7 +3,7 @@
 //! interleaved round by round, and reports medians, ratios to plain Envoy, a JSON file and an SVG
 //! plot. See BENCHMARKS.md; every benchmark of the workspace is listed in benches/README.md.
 
-// No unsafe code: CPU pinning, clock ticks and SO_LINGER go through `rustix`.
+// The crate's unsafe code (libc calls, the counting allocator) is all in the library's `sys`.
 #![deny(unsafe_code)]
 
 mod cli;
@@ -20,6 +20,7 @@ use clap::Parser;
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{Cell, Memory};
+use sandbox_gateway_bench::sys;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -63,7 +64,7 @@ fn main() -> Result<()> {
     // The runtime's threads inherit the main thread's mask: load generator and upstreams share
     // the load CPUs, away from Envoy's.
     if !args.no_pin {
-        procfs::pin_current_thread(&args.load_cpus).context("pinning the load generator")?;
+        sys::pin_current_thread(&args.load_cpus).context("pinning the load generator")?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.load_cpus.len().max(1))

@@ -1,36 +1,8 @@
-//! CPU pinning and per-process cost from /proc: CPU seconds (utime + stime) and resident memory.
-//! The system calls go through `rustix` (no unsafe code here).
+//! Per-process cost from /proc: CPU seconds (utime + stime) and resident memory; machine-wide CPU
+//! steal and the CPU model. (CPU pinning is in `sandbox_gateway_bench::sys`.)
 
-use anyhow::{bail, Context, Result};
-use rustix::thread::{sched_setaffinity, CpuSet};
-
-/// Pins the calling thread (and every thread or process it creates afterwards, which inherit the
-/// mask) to `cpus`.
-pub fn pin_current_thread(cpus: &[usize]) -> Result<()> {
-    if cpus.is_empty() {
-        bail!("empty CPU list");
-    }
-    let mut set = CpuSet::new();
-    for &cpu in cpus {
-        if cpu >= CpuSet::MAX_CPU {
-            bail!("CPU {cpu} out of range");
-        }
-        set.set(cpu);
-    }
-    // `None` is the calling thread.
-    sched_setaffinity(None, &set).with_context(|| format!("sched_setaffinity({cpus:?})"))
-}
-
-/// Clock ticks per second for /proc/<pid>/stat times.
-fn clk_tck() -> f64 {
-    // sysconf's -1 (an error, never seen on Linux) arrives as u64::MAX through rustix's cast.
-    let t = rustix::param::clock_ticks_per_second();
-    if t > 0 && i64::try_from(t).is_ok() {
-        t as f64
-    } else {
-        100.0
-    }
-}
+use anyhow::{Context, Result};
+use sandbox_gateway_bench::sys::clock_ticks_per_second;
 
 /// CPU seconds (user + system) the process has used so far, all threads included.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -50,7 +22,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
             .parse::<u64>()
             .context("non-numeric /proc stat time")? as f64)
     };
-    Ok((ticks(11)? + ticks(12)?) / clk_tck())
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second())
 }
 
 /// Resident set size in KiB (VmRSS from /proc/<pid>/status).
@@ -128,21 +100,6 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(rss_kib(pid).unwrap() > 0);
-    }
-
-    #[test]
-    fn pins_the_calling_thread() {
-        // Runs on its own test thread, so the narrowed mask does not leak into other tests.
-        pin_current_thread(&[0]).unwrap();
-        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .map(str::trim);
-        assert_eq!(allowed, Some("0"));
-        assert!(pin_current_thread(&[]).is_err());
-        assert!(pin_current_thread(&[CpuSet::MAX_CPU]).is_err());
-        assert!(clk_tck() >= 1.0);
     }
 
     #[test]

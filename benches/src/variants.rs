@@ -230,7 +230,7 @@ async fn on_pinned_thread<T: Send + 'static>(
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let res = match &cpus {
-            Some(cpus) => procfs::pin_current_thread(cpus),
+            Some(cpus) => sandbox_gateway_bench::sys::pin_current_thread(cpus),
             None => Ok(()),
         }
         .and_then(|()| f());

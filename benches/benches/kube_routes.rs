@@ -8,23 +8,22 @@
 //! CPU measured here are the route source's alone: kube client + watcher, PodIndex, route table.
 //! Memory is live heap bytes (a counting allocator), not RSS, so it is what stays after the list.
 
-// The counting allocator is the benches' only unsafe code, in one module.
 #![deny(unsafe_code)]
 
-#[allow(unsafe_code)]
-mod counting_alloc;
-
 use clap::Parser;
-use counting_alloc::live_bytes;
 use routing::config::{KubeSourceConfig, RouteSourceConfig};
 use routing::file_source::SourceStats;
 use routing::RouteTable;
 use sandbox_gateway_apiserver::pods::{fake_pod, set_ready};
 use sandbox_gateway_apiserver::FakeApiServer;
+use sandbox_gateway_bench::sys::{live_heap_bytes, CountingAlloc};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 /// Kubernetes route feed at scale: initial list time, heap per route, watch propagation delay.
 #[derive(Parser, Debug)]
@@ -135,7 +134,7 @@ fn main() {
             kubeconfig: Some(kubeconfig),
             default_port: 8080,
         });
-        let before = live_bytes();
+        let before = live_heap_bytes();
         let table = Arc::new(RouteTable::new());
         let t0 = Instant::now();
         routing::source::start(
@@ -152,7 +151,7 @@ fn main() {
         assert_eq!(table.len() as usize, n, "every pod must be a route");
         // Let the list's transient buffers go before counting what stays.
         std::thread::sleep(Duration::from_millis(500));
-        let heap = live_bytes() - before;
+        let heap = live_heap_bytes() - before;
         println!(
             "{n:>8} {:>12.0}ms {:>14}B {:>12.1}MB",
             list_time.as_secs_f64() * 1e3,
