@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk
+.PHONY: all tools envoy build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active
 
 all: build
 
@@ -33,10 +33,11 @@ envoy: tools
 	  $(ENVOY) --version; \
 	fi
 
-# Release module (target/release/libsandbox_gateway.so) and binaries, for the demo.
+# Release module (target/release/libsandbox_gateway.so) and binaries: sandbox-extproc, and the
+# demo's sandbox-demo and sandbox-echo-server (the upstream of bench-callgrind and bench-wrk).
 build:
 	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-extproc
-	$(CARGO) build --release -p sandbox-gateway-tests --bins
+	$(CARGO) build --release -p sandbox-gateway-demo --bins
 
 # Three local sandboxes behind Envoy on 127.0.0.1:10000; prints commands to try. Ctrl-C ends it.
 # MODE=filter (default: the module) or MODE=extproc (ext_proc filter + sandbox-extproc).
@@ -47,9 +48,9 @@ demo: envoy build
 demo-check: envoy
 	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug \
-	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only
+	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
-	  $(CARGO) run -q -p sandbox-gateway-tests --bin sandbox-demo -- --check-only --mode extproc
+	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only --mode extproc
 
 # Rewrites deploy/base/envoy-configmap.yaml from envoy/gateway.yaml.tmpl and the deploy-only parts
 # in deploy/base/envoy-configmap.yaml.tmpl (deploy/gen; no Envoy needed). A test in
@@ -70,6 +71,8 @@ test: tools envoy lint
 	$(MAKE) --no-print-directory demo-check
 	$(MAKE) --no-print-directory bench-quick
 
+# Every benchmark below, what it measures and where its result lands: benches/README.md.
+#
 # What the gateway costs, side by side (BENCHMARKS.md): direct vs static-route Envoy vs module vs
 # ext_proc, interleaved rounds, release builds, Envoy pinned to CPU 0 and load on CPU 1.
 # Writes benches/results/{report.json,table.md,latency.svg}. Extra flags: BENCH_ARGS="--rounds 5".
@@ -84,7 +87,7 @@ bench: envoy
 bench-quick: envoy
 	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
-	  $(CARGO) run -q -p sandbox-gateway-bench -- --quick --no-progress --out target/bench-quick
+	  $(CARGO) run -q -p sandbox-gateway-bench --bin sandbox-bench -- --quick --no-progress --out target/bench-quick
 
 # Criterion micro benchmarks of the routing core (key extraction, ID validation, route lookup).
 bench-micro:
@@ -97,6 +100,19 @@ bench-callgrind: envoy build
 # Quick cross-check with wrk: module vs static route, interleaved rounds (issue 2's figures).
 bench-wrk: envoy build
 	benches/filter_vs_static.sh
+
+# Kubernetes route feed at scale (no Envoy): initial list time and heap per route at 10k and 100k
+# pods, watch-event propagation p50/p99. Extra flags: KUBE_ARGS="--sizes 10000 --events 200".
+KUBE_ARGS ?=
+bench-kube:
+	$(CARGO) bench -p sandbox-gateway-bench --bench kube_routes -- $(KUBE_ARGS)
+
+# sandbox-extproc's GetLastActive over 100k sandboxes (gRPC and in-process). Extra arguments:
+# LAST_ACTIVE_ARGS="<sandboxes> <rounds>".
+LAST_ACTIVE_ARGS ?=
+bench-last-active:
+	$(CARGO) bench -p sandbox-gateway-bench --bench last_active -- $(LAST_ACTIVE_ARGS)
+	$(CARGO) bench -p sandbox-gateway-bench --bench last_active_merge
 
 clean:
 	rm -rf .demo

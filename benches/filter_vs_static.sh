@@ -6,7 +6,7 @@
 set -euo pipefail
 shopt -s inherit_errexit  # a failed request inside $(measure ...) must stop the script
 cd "$(dirname "$0")/.."
-for bin in target/release/demo-sandbox target/release/libsandbox_gateway.so; do
+for bin in target/release/sandbox-echo-server target/release/libsandbox_gateway.so; do
   [ -e "$bin" ] || { echo "$bin missing: run 'make build' first" >&2; exit 1; }
 done
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
@@ -17,7 +17,7 @@ work=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-taskset -c 1 target/release/demo-sandbox --name bench --listen 127.0.0.1:$UP_PORT > "$work/up.log" 2>&1 & pids+=($!)
+taskset -c 1 target/release/sandbox-echo-server --name bench --listen 127.0.0.1:$UP_PORT > "$work/up.log" 2>&1 & pids+=($!)
 echo "{\"sandboxes\": [{\"id\": \"bench\", \"ip\": \"127.0.0.1\", \"port\": $UP_PORT}]}" > "$work/routes.json"
 render() { # template out KEY=VALUE...
   python3 - "$@" <<'PY'

@@ -7,7 +7,7 @@
 set -euo pipefail
 shopt -s inherit_errexit  # a failed request inside $(measure ...) must stop the script
 cd "$(dirname "$0")/.."
-for bin in target/release/demo-sandbox target/release/libsandbox_gateway.so; do
+for bin in target/release/sandbox-echo-server target/release/libsandbox_gateway.so; do
   [ -e "$bin" ] || { echo "$bin missing: run 'make build' first" >&2; exit 1; }
 done
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; }
@@ -17,7 +17,7 @@ UP_PORT=18381
 work=$(mktemp -d); pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-target/release/demo-sandbox --name bench --listen 127.0.0.1:$UP_PORT > "$work/up.log" 2>&1 & pids+=($!)
+target/release/sandbox-echo-server --name bench --listen 127.0.0.1:$UP_PORT > "$work/up.log" 2>&1 & pids+=($!)
 echo "{\"sandboxes\": [{\"id\": \"bench\", \"ip\": \"127.0.0.1\", \"port\": $UP_PORT}]}" > "$work/routes.json"
 cfg=$(python3 -c 'import json,sys; print(json.dumps(json.dumps({"route_source": {"type": "file", "path": sys.argv[1]}})))' "$work/routes.json")
 render() { python3 - "$@" <<'PY'

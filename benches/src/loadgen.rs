@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
+use sandbox_gateway_bench::sys;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,7 +192,7 @@ impl Conn {
         if fresh {
             // Close with RST instead of FIN: thousands of connections per second would otherwise
             // leave TIME_WAIT sockets behind and exhaust loopback ephemeral ports in a few seconds.
-            socket_linger_zero(&tcp)?;
+            sys::set_zero_linger(&tcp).context("setsockopt(SO_LINGER, 0)")?;
         }
         let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(async move {
@@ -362,28 +363,6 @@ async fn sse_stream(s: &mut Sender, req: Request<Full<Bytes>>) -> Result<(u16, u
     let body = resp.into_body().collect().await?.to_bytes();
     let events = body.windows(2).filter(|w| w == b"\n\n").count() as u64;
     Ok((status, events))
-}
-
-fn socket_linger_zero(tcp: &TcpStream) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid open socket fd and a correctly sized `linger` value.
-    let rc = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(())
 }
 
 /// One GET with `id`, for readiness checks: the status, or an error if the target is not serving.

@@ -1,7 +1,10 @@
 //! `sandbox-bench`: what does the sandbox gateway cost? Starts upstream sandboxes, plain and
 //! module-mode Envoys (and ext_proc mode when it exists), drives the same workloads through each,
 //! interleaved round by round, and reports medians, ratios to plain Envoy, a JSON file and an SVG
-//! plot. See BENCHMARKS.md.
+//! plot. See BENCHMARKS.md; every benchmark of the workspace is listed in benches/README.md.
+
+// The crate's unsafe code (libc calls, the counting allocator) is all in the library's `sys`.
+#![deny(unsafe_code)]
 
 mod cli;
 mod loadgen;
@@ -17,6 +20,7 @@ use clap::Parser;
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{Cell, Memory};
+use sandbox_gateway_bench::sys;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
     // The runtime's threads inherit the main thread's mask: load generator and upstreams share
     // the load CPUs, away from Envoy's.
     if !args.no_pin {
-        procfs::pin_current_thread(&args.load_cpus).context("pinning the load generator")?;
+        sys::pin_current_thread(&args.load_cpus).context("pinning the load generator")?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.load_cpus.len().max(1))
@@ -77,7 +81,7 @@ fn module_dir(args: &cli::Args) -> PathBuf {
     if let Some(d) = std::env::var_os("SANDBOX_GATEWAY_MODULE_DIR") {
         return d.into();
     }
-    let root = sandbox_gateway_tests::envoy::repo_root();
+    let root = sandbox_gateway_harness::envoy::repo_root();
     let release = root.join("target/release");
     if release.join("libsandbox_gateway.so").exists() {
         release

@@ -1,41 +1,8 @@
-//! CPU pinning and per-process cost from /proc: CPU seconds (utime + stime) and resident memory.
+//! Per-process cost from /proc: CPU seconds (utime + stime) and resident memory; machine-wide CPU
+//! steal and the CPU model. (CPU pinning is in `sandbox_gateway_bench::sys`.)
 
-use anyhow::{bail, Context, Result};
-
-/// Pins the calling thread (and every thread or process it creates afterwards, which inherit the
-/// mask) to `cpus`.
-pub fn pin_current_thread(cpus: &[usize]) -> Result<()> {
-    if cpus.is_empty() {
-        bail!("empty CPU list");
-    }
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, and CPU_SET only writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        if cpu >= libc::CPU_SETSIZE as usize {
-            bail!("CPU {cpu} out of range");
-        }
-        // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: pid 0 is the calling thread; `set` is a valid, initialised cpu_set_t of the given size.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context(format!("sched_setaffinity({cpus:?})"));
-    }
-    Ok(())
-}
-
-/// Clock ticks per second for /proc/<pid>/stat times.
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
+use anyhow::{Context, Result};
+use sandbox_gateway_bench::sys::clock_ticks_per_second;
 
 /// CPU seconds (user + system) the process has used so far, all threads included.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
@@ -55,7 +22,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
             .parse::<u64>()
             .context("non-numeric /proc stat time")? as f64)
     };
-    Ok((ticks(11)? + ticks(12)?) / clk_tck())
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second())
 }
 
 /// Resident set size in KiB (VmRSS from /proc/<pid>/status).

@@ -10,10 +10,10 @@ use crate::procfs;
 use crate::workloads::sandbox_id;
 use anyhow::{bail, Context, Result};
 use hyper::header::HeaderValue;
-use sandbox_gateway_tests::envoy::{render, repo_root, yaml_string, Envoy, EnvoyOptions};
-use sandbox_gateway_tests::extproc::{extproc_bin, extproc_bootstrap, message_timeout, ExtProc};
-use sandbox_gateway_tests::gateway::{write_routes, RouteEntry};
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_harness::envoy::{render, repo_root, yaml_string, Envoy, EnvoyOptions};
+use sandbox_gateway_harness::extproc::{extproc_bin, extproc_bootstrap, message_timeout, ExtProc};
+use sandbox_gateway_harness::gateway::{write_routes, RouteEntry};
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -230,7 +230,7 @@ async fn on_pinned_thread<T: Send + 'static>(
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let res = match &cpus {
-            Some(cpus) => procfs::pin_current_thread(cpus),
+            Some(cpus) => sandbox_gateway_bench::sys::pin_current_thread(cpus),
             None => Ok(()),
         }
         .and_then(|()| f());

@@ -4,7 +4,7 @@
 //! requires is exported by the module.
 
 use object::{Object, ObjectSymbol};
-use sandbox_gateway_tests::envoy::{envoy_bin, module_dir};
+use sandbox_gateway_harness::envoy::{envoy_bin, module_dir};
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -4,10 +4,10 @@
 
 use anyhow::{ensure, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use sandbox_gateway_tests::client;
-use sandbox_gateway_tests::extproc::{file_source, ExtProc};
-use sandbox_gateway_tests::gateway::{write_routes, FilterGateway, RouteEntry};
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::extproc::{file_source, ExtProc};
+use sandbox_gateway_harness::gateway::{write_routes, FilterGateway, RouteEntry};
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -27,12 +27,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resource};
 use routing::config::{GatewayConfig, RouteSourceConfig};
-use sandbox_gateway_tests::client;
-use sandbox_gateway_tests::envoy::{admin_get, render, repo_root, Envoy, EnvoyOptions};
-use sandbox_gateway_tests::fake_apiserver::{
+use sandbox_gateway_apiserver::{
     fake_pod, set_annotation, set_ready, FakeApiServer, PORT_ANNOTATION,
 };
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::envoy::{admin_get, render, repo_root, Envoy, EnvoyOptions};
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};

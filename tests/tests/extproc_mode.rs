@@ -1,13 +1,15 @@
 //! End-to-end in ext_proc mode: the real Envoy 1.40 with its ext_proc filter talking to the real
 //! sandbox-extproc binary. The routing/error/security cases are the ones filter mode runs
-//! (`sandbox_gateway_tests::cases`), unchanged.
+//! (`cases/`), unchanged.
+
+mod cases;
 
 use anyhow::{ensure, Context};
-use sandbox_gateway_tests::cases::GatewayUnderTest;
-use sandbox_gateway_tests::client;
-use sandbox_gateway_tests::extproc::ExtProcGateway;
-use sandbox_gateway_tests::gateway::RouteEntry;
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::extproc::ExtProcGateway;
+use sandbox_gateway_harness::gateway::GatewayUnderTest;
+use sandbox_gateway_harness::gateway::RouteEntry;
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ fn extproc_mode(
     Ok(Box::new(ExtProcGateway::start(routes, overrides)?))
 }
 
-sandbox_gateway_tests::shared_cases!(extproc_mode);
+cases::shared_cases!(extproc_mode);
 
 async fn sandbox(name: &str) -> anyhow::Result<SandboxServer> {
     SandboxServer::start(name, "127.0.0.1:0".parse()?).await

@@ -1,9 +1,11 @@
 //! End-to-end: the real Envoy 1.40 with libsandbox_gateway.so, real sockets, real WebSocket and
-//! SSE clients. The cases live in `sandbox_gateway_tests::cases` (shared across modes).
+//! SSE clients. The cases live in `cases/` (shared across modes).
 
-use sandbox_gateway_tests::cases::GatewayUnderTest;
-use sandbox_gateway_tests::envoy::{Envoy, EnvoyOptions};
-use sandbox_gateway_tests::gateway::{bootstrap, write_routes, FilterGateway, RouteEntry};
+mod cases;
+
+use sandbox_gateway_harness::envoy::{Envoy, EnvoyOptions};
+use sandbox_gateway_harness::gateway::GatewayUnderTest;
+use sandbox_gateway_harness::gateway::{bootstrap, write_routes, FilterGateway, RouteEntry};
 use serde_json::{json, Value};
 
 fn filter_mode(
@@ -13,7 +15,7 @@ fn filter_mode(
     Ok(Box::new(FilterGateway::start(routes, overrides)?))
 }
 
-sandbox_gateway_tests::shared_cases!(filter_mode);
+cases::shared_cases!(filter_mode);
 
 /// The Envoy process survives everything above and keeps its routes across reloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,12 +24,12 @@ async fn metrics_are_published() {
     let mut gw = FilterGateway::start(&[RouteEntry::new("alpha", sb.addr)], json!({})).unwrap();
     let a = gw.envoy.listener;
     for _ in 0..3 {
-        let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "alpha")])
+        let r = sandbox_gateway_harness::client::get(a, "/", &[("x-sandbox-id", "alpha")])
             .await
             .unwrap();
         assert_eq!(r.status, 200);
     }
-    let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "Bad")])
+    let r = sandbox_gateway_harness::client::get(a, "/", &[("x-sandbox-id", "Bad")])
         .await
         .unwrap();
     assert_eq!(r.status, 400);
@@ -49,8 +51,8 @@ async fn metrics_are_published() {
     assert!(gw.envoy.alive());
 }
 
-async fn sandboxes_one() -> sandbox_gateway_tests::sandbox::SandboxServer {
-    sandbox_gateway_tests::sandbox::SandboxServer::start("one", "127.0.0.1:0".parse().unwrap())
+async fn sandboxes_one() -> sandbox_gateway_harness::sandbox::SandboxServer {
+    sandbox_gateway_harness::sandbox::SandboxServer::start("one", "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()
 }
@@ -104,7 +106,7 @@ fn bad_config_is_rejected_at_load() {
 /// close: Envoy may keep it open while the rest of the request body is still owed).
 async fn read_one_response(
     c: &mut tokio::net::TcpStream,
-) -> sandbox_gateway_tests::client::Response {
+) -> sandbox_gateway_harness::client::Response {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -117,7 +119,7 @@ async fn read_one_response(
                 .map(|v| v.trim().parse().unwrap())
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
-                return sandbox_gateway_tests::client::parse(&buf[..end + 4 + len]).unwrap();
+                return sandbox_gateway_harness::client::parse(&buf[..end + 4 + len]).unwrap();
             }
         }
         let n = tokio::time::timeout(std::time::Duration::from_secs(20), c.read(&mut chunk))
@@ -171,7 +173,7 @@ async fn local_replies_reenter_the_filter_without_a_panic() {
     );
     assert_eq!(e.stat("dynamicmodulescustom.panics").unwrap(), Some(0));
     // Still serving.
-    let r = sandbox_gateway_tests::client::get(a, "/", &[("x-sandbox-id", "alpha")])
+    let r = sandbox_gateway_harness::client::get(a, "/", &[("x-sandbox-id", "alpha")])
         .await
         .unwrap();
     assert_eq!(r.status, 200);

@@ -2,14 +2,14 @@
 //! watcher lists and watches pods from an in-test API server over real HTTP.
 
 use anyhow::{ensure, Context, Result};
-use sandbox_gateway_tests::client;
-use sandbox_gateway_tests::envoy::{Envoy, EnvoyOptions};
-use sandbox_gateway_tests::fake_apiserver::pods::{
+use sandbox_gateway_apiserver::pods::{
     fake_pod, set_annotation, set_deletion_timestamp, set_label, set_ready,
 };
-use sandbox_gateway_tests::fake_apiserver::FakeApiServer;
-use sandbox_gateway_tests::gateway::bootstrap;
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_apiserver::FakeApiServer;
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::envoy::{Envoy, EnvoyOptions};
+use sandbox_gateway_harness::gateway::bootstrap;
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -2,43 +2,46 @@
 //! 100k labelled pods takes to become a synced route table, how much memory each route costs, and
 //! how long a watch event takes to make a sandbox routable / unroutable (p50/p99 over 1000+).
 //!
-//! `cargo bench -p sandbox-gateway-tests --bench kube_routes [-- --sizes 10000,100000 --events 1000]`
+//! `cargo bench -p sandbox-gateway-bench --bench kube_routes [-- --sizes 10000,100000 --events 1000]`
 //!
 //! The fake API server runs in a child process (this binary with `--serve`), so the memory and
 //! CPU measured here are the route source's alone: kube client + watcher, PodIndex, route table.
 //! Memory is live heap bytes (a counting allocator), not RSS, so it is what stays after the list.
 
+#![deny(unsafe_code)]
+
+use clap::Parser;
 use routing::config::{KubeSourceConfig, RouteSourceConfig};
 use routing::stats::SourceStats;
 use routing::RouteTable;
-use sandbox_gateway_tests::fake_apiserver::pods::{fake_pod, set_ready};
-use sandbox_gateway_tests::fake_apiserver::FakeApiServer;
-use std::alloc::{GlobalAlloc, Layout, System};
+use sandbox_gateway_apiserver::pods::{fake_pod, set_ready};
+use sandbox_gateway_apiserver::FakeApiServer;
+use sandbox_gateway_bench::sys::{live_heap_bytes, CountingAlloc};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Kubernetes route feed at scale: initial list time, heap per route, watch propagation delay.
+#[derive(Parser, Debug)]
+#[command(name = "kube_routes")]
+struct Args {
+    /// Route table sizes (labelled pods) to list, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    sizes: Vec<usize>,
+    /// Watch events (add, then unready) timed over the first table.
+    #[arg(long, default_value_t = 1000)]
+    events: usize,
+    /// Internal: run as the fake API server child with this many ready pods.
+    #[arg(long, value_name = "PODS", hide = true)]
+    serve: Option<usize>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
 
 fn pod_ip(i: usize) -> String {
     format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
@@ -92,27 +95,16 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    if let Some(i) = args.iter().position(|a| a == "--serve") {
-        let n = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if let Some(n) = args.serve {
         rt.block_on(serve(n));
         return;
     }
-    let flag = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.into())
-    };
-    let sizes: Vec<usize> = flag("--sizes", "10000,100000")
-        .split(',')
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    let events: usize = flag("--events", "1000").parse().unwrap_or(1000);
+    let (sizes, events) = (args.sizes, args.events);
     let exe = std::env::current_exe().expect("own path");
     println!(
         "{:>8} {:>14} {:>16} {:>14}",
@@ -142,7 +134,7 @@ fn main() {
             kubeconfig: Some(kubeconfig),
             default_port: 8080,
         });
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = live_heap_bytes();
         let table = Arc::new(RouteTable::new());
         let t0 = Instant::now();
         routing::source::start(
@@ -159,7 +151,7 @@ fn main() {
         assert_eq!(table.len() as usize, n, "every pod must be a route");
         // Let the list's transient buffers go before counting what stays.
         std::thread::sleep(Duration::from_millis(500));
-        let heap = LIVE.load(Ordering::Relaxed) - before;
+        let heap = live_heap_bytes() - before;
         println!(
             "{n:>8} {:>12.0}ms {:>14}B {:>12.1}MB",
             list_time.as_secs_f64() * 1e3,

@@ -244,7 +244,7 @@ impl ExtProcGateway {
     }
 }
 
-impl crate::cases::GatewayUnderTest for ExtProcGateway {
+impl crate::gateway::GatewayUnderTest for ExtProcGateway {
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
     }

@@ -1,13 +1,17 @@
 //! Cost of merging reports into the last-active aggregate, in-process: a timed run, not a test.
 //!
-//! `cargo run --release -p sandbox-extproc --example merge_bench [-- <sandboxes> <rounds>]`
+//! `cargo bench -p sandbox-gateway-bench --bench last_active_merge [-- <sandboxes> <rounds>]`
+//! (`make bench-last-active` runs it after `last_active`)
 //!
 //! Times, per merged entry: updates of sandboxes already known (the normal case: every report
 //! interval re-sends the active ones), inserts into a full table (a flood of new IDs: every
 //! insert past the bound evicts) with the slowest batch among them (the lock is held that long),
 //! the same updates from two threads at once, and one `sweep`.
 
+#![deny(unsafe_code)]
+
 use anyhow::Result;
+use clap::Parser;
 use sandbox_extproc::aggregate::Aggregator;
 use std::time::{Duration, Instant};
 
@@ -33,14 +37,24 @@ fn merge_all(a: &Aggregator, ids: &[String], ts: u64) -> Duration {
     slowest
 }
 
+/// Merges into the last-active aggregate: updates, a flood into a full table, two threads, sweep.
+#[derive(Parser, Debug)]
+#[command(name = "last_active_merge")]
+struct Args {
+    /// Sandboxes in the aggregate (also its bound).
+    #[arg(default_value_t = 100_000)]
+    sandboxes: usize,
+    /// Rounds of each measure (the median is printed).
+    #[arg(default_value_t = 5)]
+    rounds: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args
-        .next()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
-    let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let args = Args::parse();
+    let (n, rounds) = (args.sandboxes, args.rounds);
     let ids: Vec<String> = (0..n).map(|i| format!("sandbox-{i:07}")).collect();
     let fresh: Vec<String> = (0..n).map(|i| format!("flood-{i:07}")).collect();
     let forget = Duration::from_secs(3600);

@@ -1,11 +1,32 @@
-//! A gateway under test in filter mode: local sandboxes, a routes file and a real Envoy loading
-//! `libsandbox_gateway.so`, all on loopback with OS-chosen ports.
+//! A gateway under test: the [`GatewayUnderTest`] trait every deployment mode implements (the
+//! e2e tests' shared cases run against it), the routes file, and filter mode itself: local
+//! sandboxes, a routes file and a real Envoy loading `libsandbox_gateway.so`, all on loopback
+//! with OS-chosen ports.
 
 use crate::envoy::{render, repo_root, yaml_string, Envoy, EnvoyOptions};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// A running gateway in some mode (filter: [`FilterGateway`]; ext_proc:
+/// [`crate::extproc::ExtProcGateway`]).
+pub trait GatewayUnderTest: Send + Sync {
+    fn addr(&self) -> SocketAddr;
+    /// The routes file this gateway's route source reads.
+    fn routes_path(&self) -> &Path;
+    fn set_routes(&self, routes: &[RouteEntry]) -> Result<()> {
+        write_routes(self.routes_path(), routes)
+    }
+    /// Overwrites the routes file with arbitrary bytes (a bad edit), atomically.
+    fn write_routes_raw(&self, bytes: &[u8]) -> Result<()> {
+        let path = self.routes_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
 
 /// One line of the routes file.
 #[derive(Debug, Clone)]
@@ -112,7 +133,7 @@ impl FilterGateway {
     }
 }
 
-impl crate::cases::GatewayUnderTest for FilterGateway {
+impl GatewayUnderTest for FilterGateway {
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
     }

@@ -1,19 +1,22 @@
-//! `sandbox-demo [--check-only] [--mode filter|extproc]`: the gateway on one machine. Starts three local sandboxes
-//! (alpha, beta, gamma), writes `.demo/routes.json`, starts Envoy 1.40 with `envoy/demo.yaml`
-//! (listener 127.0.0.1:10000, admin 127.0.0.1:9901), prints ready-to-paste commands, checks each
-//! of them itself, then runs until Ctrl-C/SIGTERM. `--check-only` exits after the checks
-//! (status 0 when all pass). The module comes from `$SANDBOX_GATEWAY_MODULE_DIR`, by default
-//! `target/release` (`make build`). `--mode extproc` runs Envoy's ext_proc filter against
-//! `sandbox-extproc` (`envoy/extproc.yaml.tmpl`, same ports) instead of the module; the binary
-//! comes from `$SANDBOX_EXTPROC_BIN`, by default `target/release/sandbox-extproc`.
+//! `sandbox-demo [--check-only] [--mode filter|extproc]`: the gateway on one machine. Starts three
+//! local sandboxes (alpha, beta, gamma), writes `.demo/routes.json`, starts Envoy 1.40 with
+//! `envoy/demo.yaml` (listener 127.0.0.1:10000, admin 127.0.0.1:9901), prints ready-to-paste
+//! commands, checks each of them itself, then runs until Ctrl-C/SIGTERM. `--check-only` exits
+//! after the checks (status 0 when all pass). The module comes from `$SANDBOX_GATEWAY_MODULE_DIR`,
+//! by default `target/release` (`make build`). `--mode extproc` runs Envoy's ext_proc filter
+//! against `sandbox-extproc` (`envoy/extproc.yaml.tmpl`, same ports) instead of the module; the
+//! binary comes from `$SANDBOX_EXTPROC_BIN`, by default `target/release/sandbox-extproc`.
 
-use anyhow::{bail, ensure, Context, Result};
+#![forbid(unsafe_code)]
+
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
-use sandbox_gateway_tests::client;
-use sandbox_gateway_tests::envoy::{repo_root, Envoy, EnvoyOptions};
-use sandbox_gateway_tests::extproc::{extproc_bootstrap, message_timeout, ExtProc};
-use sandbox_gateway_tests::gateway::{write_routes, RouteEntry};
-use sandbox_gateway_tests::sandbox::SandboxServer;
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::envoy::{repo_root, Envoy, EnvoyOptions};
+use sandbox_gateway_harness::extproc::{extproc_bootstrap, message_timeout, ExtProc};
+use sandbox_gateway_harness::gateway::{write_routes, RouteEntry};
+use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -31,7 +34,26 @@ const ROUTES_PATH: &str = ".demo/routes.json";
 const HOST_DOMAIN: &str = "sandbox.localhost";
 const PATH_PREFIX: &str = "/sandboxes";
 const TOKEN: &str = "demo-token";
-const USAGE: &str = "usage: sandbox-demo [--check-only] [--mode filter|extproc]";
+
+/// The gateway on one machine: three local sandboxes behind Envoy 1.40 on 127.0.0.1:10000, with
+/// ready-to-paste commands, each checked by the demo itself.
+#[derive(Parser, Debug)]
+#[command(name = "sandbox-demo")]
+struct Args {
+    /// Exit after the checks (status 0 when all pass) instead of running until Ctrl-C.
+    #[arg(long)]
+    check_only: bool,
+    /// `filter`: Envoy loads libsandbox_gateway.so; `extproc`: Envoy's ext_proc filter talks to
+    /// sandbox-extproc.
+    #[arg(long, value_enum, default_value_t = Mode::Filter)]
+    mode: Mode,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Filter,
+    Extproc,
+}
 
 /// The module config baked into `envoy/demo.yaml`.
 fn demo_filter_config() -> Value {
@@ -44,23 +66,8 @@ fn demo_filter_config() -> Value {
 }
 
 fn main() -> Result<ExitCode> {
-    let (mut check_only, mut extproc_mode) = (false, false);
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--check-only" => check_only = true,
-            "--mode" => match args.next().as_deref() {
-                Some("filter") => extproc_mode = false,
-                Some("extproc") => extproc_mode = true,
-                other => bail!("--mode wants filter or extproc, got {other:?}\n{USAGE}"),
-            },
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
-    }
+    let args = Args::parse();
+    let (check_only, extproc_mode) = (args.check_only, args.mode == Mode::Extproc);
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -349,13 +356,36 @@ async fn wait_for_signal() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sandbox_gateway_tests::gateway::bootstrap;
+    use clap::CommandFactory;
+    use sandbox_gateway_harness::gateway::bootstrap;
+
+    /// The flags `make demo`, `make demo-check` and the README use.
+    #[test]
+    fn flags_as_make_passes_them() {
+        Args::command().debug_assert();
+        let parse = |argv: &[&str]| Args::try_parse_from(argv).map(|a| (a.check_only, a.mode));
+        assert_eq!(parse(&["sandbox-demo"]).unwrap(), (false, Mode::Filter));
+        assert_eq!(
+            parse(&["sandbox-demo", "--mode", "filter"]).unwrap(),
+            (false, Mode::Filter)
+        );
+        assert_eq!(
+            parse(&["sandbox-demo", "--check-only"]).unwrap(),
+            (true, Mode::Filter)
+        );
+        assert_eq!(
+            parse(&["sandbox-demo", "--check-only", "--mode", "extproc"]).unwrap(),
+            (true, Mode::Extproc)
+        );
+        assert!(parse(&["sandbox-demo", "--mode", "other"]).is_err());
+        assert!(parse(&["sandbox-demo", "--mode"]).is_err());
+    }
 
     const HEADER: &str = "\
 # The sandbox-gateway demo bootstrap: envoy/gateway.yaml.tmpl rendered for the local demo
 # (admin 127.0.0.1:9901, listener 127.0.0.1:10000, routes from .demo/routes.json).
 # Generated; do not edit below this header. Regenerate with
-#   UPDATE_DEMO_YAML=1 cargo test -p sandbox-gateway-tests --bin sandbox-demo
+#   UPDATE_DEMO_YAML=1 cargo test -p sandbox-gateway-demo --bin sandbox-demo
 # `make demo` runs it with local sandboxes. By hand, from the repo root (after `make build`):
 #   ENVOY_DYNAMIC_MODULES_SEARCH_PATH=target/release .venv/bin/envoy -c envoy/demo.yaml --concurrency 1
 ";
@@ -386,7 +416,7 @@ mod tests {
         assert!(
             without_header(&on_disk) == rendered,
             "{DEMO_YAML} drifted from envoy/gateway.yaml.tmpl; regenerate it with \
-             UPDATE_DEMO_YAML=1 cargo test -p sandbox-gateway-tests --bin sandbox-demo"
+             UPDATE_DEMO_YAML=1 cargo test -p sandbox-gateway-demo --bin sandbox-demo"
         );
     }
 }

@@ -1,5 +1,7 @@
 //! A small in-test Kubernetes API server that the real `kube` client and
-//! `kube::runtime::watcher` can list and watch Pods from (plain HTTP on 127.0.0.1).
+//! `kube::runtime::watcher` can list and watch Pods from (plain HTTP on 127.0.0.1). Its own crate
+//! so that tests of anything that watches Pods (the module's route source, the controller) can use
+//! it without Envoy or the e2e harness.
 //!
 //! It is the test double for the gateway's Kubernetes route source, faithful where that source
 //! depends on it:
@@ -22,6 +24,8 @@
 //! `GET /api/v1/pods?&watch=true&timeoutSeconds=290&labelSelector=…&allowWatchBookmarks=true&resourceVersion=<list rv>`.
 //! A watch cut mid-chunk ends quietly on kube's side (it maps "unexpected EOF during chunk" to a
 //! clean end) and the watcher re-watches from its last resourceVersion; only a 410 makes it relist.
+
+#![forbid(unsafe_code)]
 
 mod http;
 pub mod pods;
@@ -216,7 +220,7 @@ impl FakeApiServer {
     pub fn apply(&self, mut pod: Value) -> Value {
         let name = pod["metadata"]["name"].as_str().map(str::to_string);
         let name = name
-            .unwrap_or_else(|| panic!("fake_apiserver::apply: pod without metadata.name: {pod}"));
+            .unwrap_or_else(|| panic!("FakeApiServer::apply: pod without metadata.name: {pod}"));
         let ns = pod["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")

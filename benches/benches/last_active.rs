@@ -1,11 +1,14 @@
 //! Cost of `GetLastActive` with many sandboxes: a timed run, not a test.
 //!
-//! `cargo run --release -p sandbox-extproc --example last_active_bench [-- <sandboxes> <rounds>]`
+//! `cargo bench -p sandbox-gateway-bench --bench last_active [-- <sandboxes> <rounds>]`
 //!
 //! Fills one ActivityService with N sandboxes through the real Report stream (loopback gRPC),
 //! then times GetLastActive for all of them and for 100 IDs, over gRPC and in-process.
 
+#![deny(unsafe_code)]
+
 use anyhow::Result;
+use clap::Parser;
 use proto::v1::activity_service_client::ActivityServiceClient;
 use proto::v1::activity_service_server::ActivityServiceServer;
 use proto::v1::{GetLastActiveRequest, ReportRequest, SandboxActivity};
@@ -14,6 +17,21 @@ use sandbox_extproc::aggregate::Aggregator;
 use sandbox_extproc::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// GetLastActive over many sandboxes: gRPC (all of them, 100 IDs) and in-process.
+#[derive(Parser, Debug)]
+#[command(name = "last_active")]
+struct Args {
+    /// Sandboxes reported into the ActivityService.
+    #[arg(default_value_t = 100_000)]
+    sandboxes: usize,
+    /// Timed rounds of each query.
+    #[arg(default_value_t = 20)]
+    rounds: usize,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();
@@ -29,13 +47,8 @@ fn summary(name: &str, mut v: Vec<Duration>) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args
-        .next()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(100_000);
-    let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
+    let args = Args::parse();
+    let (n, rounds) = (args.sandboxes, args.rounds);
 
     let activity = Arc::new(Activity::new(
         Aggregator::new(n * 2, Duration::from_secs(3600)),

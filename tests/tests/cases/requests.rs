@@ -1,0 +1,311 @@
+//! Shared cases about single requests: routing by header, Host and path; JSON local replies;
+//! what a client must never be able to choose (the upstream); hostile input.
+
+use super::{expect_error, sandboxes, served_by, Starter, SECRET_SHA256};
+use anyhow::{ensure, Context, Result};
+use sandbox_gateway_harness::client;
+use sandbox_gateway_harness::gateway::RouteEntry;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn header_host_and_path_routing(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["one", "two"]).await?;
+    let gw = start(
+        &[
+            RouteEntry::new("alpha", sb[0].addr),
+            RouteEntry::new("beta", sb[1].addr),
+        ],
+        json!({}),
+    )?;
+    let a = gw.addr();
+
+    let r = client::get(a, "/hello?x=1", &[("x-sandbox-id", "alpha")]).await?;
+    ensure!(
+        r.status == 200 && served_by(&r) == "one",
+        "header: {}",
+        r.text()
+    );
+    ensure!(r.json()["path"] == "/hello?x=1");
+    // An explicit port goes to that port on the sandbox's own IP.
+    let port = sb[1].addr.port().to_string();
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-sandbox-port", &port)],
+    )
+    .await?;
+    ensure!(served_by(&r) == "two", "header port: {}", r.text());
+
+    let host = format!("{}-beta.sandbox.test", sb[1].addr.port());
+    let r = client::get(a, "/h", &[("host", &host)]).await?;
+    ensure!(
+        r.status == 200 && served_by(&r) == "two",
+        "host: {}",
+        r.text()
+    );
+    let r = client::get(a, "/h", &[("host", "beta.sandbox.test:8080")]).await?;
+    ensure!(served_by(&r) == "two", "host without port: {}", r.text());
+
+    let path = format!("/sandboxes/alpha/{}/api/v1/items?q=2", sb[0].addr.port());
+    let r = client::get(a, &path, &[]).await?;
+    ensure!(
+        r.status == 200 && served_by(&r) == "one",
+        "path: {}",
+        r.text()
+    );
+    ensure!(
+        r.json()["path"] == "/api/v1/items?q=2",
+        "prefix stripped: {}",
+        r.text()
+    );
+    let path = format!("/sandboxes/alpha/{}", sb[0].addr.port());
+    let r = client::get(a, &path, &[]).await?;
+    ensure!(
+        r.json()["path"] == "/",
+        "bare prefix becomes /: {}",
+        r.text()
+    );
+
+    // The header wins over Host when both are present.
+    let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("host", &host)]).await?;
+    ensure!(served_by(&r) == "one");
+    Ok(())
+}
+
+pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["one"]).await?;
+    let gw = start(
+        &[
+            RouteEntry::new("alpha", sb[0].addr),
+            RouteEntry::new("sleepy", sb[0].addr).not_ready(),
+            RouteEntry::new("locked", sb[0].addr).token_sha256(SECRET_SHA256),
+        ],
+        json!({"retry_after_s": 7}),
+    )?;
+    let a = gw.addr();
+    expect_error(&client::get(a, "/", &[]).await?, 400, "missing_sandbox_id")?;
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", "Alpha")]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", "-x")]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "alpha"), ("x-sandbox-port", "0")],
+        )
+        .await?,
+        400,
+        "invalid_sandbox_port",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "alpha"), ("x-sandbox-id", "beta")],
+        )
+        .await?,
+        400,
+        "duplicate_header",
+    )?;
+    expect_error(
+        &client::get(a, "/sandboxes/alpha/http/x", &[]).await?,
+        400,
+        "invalid_sandbox_port",
+    )?;
+
+    let r = client::get(a, "/", &[("x-sandbox-id", "nobody")]).await?;
+    expect_error(&r, 404, "sandbox_not_found")?;
+    ensure!(r.json()["sandbox_id"] == "nobody");
+
+    let r = client::get(a, "/", &[("x-sandbox-id", "sleepy")]).await?;
+    expect_error(&r, 503, "sandbox_not_ready")?;
+    ensure!(
+        r.header("retry-after") == Some("7"),
+        "Retry-After: {:?}",
+        r.headers
+    );
+
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", "locked")]).await?,
+        401,
+        "missing_access_token",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "locked"), ("x-access-token", "secreT")],
+        )
+        .await?,
+        401,
+        "invalid_access_token",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[
+                ("x-sandbox-id", "locked"),
+                ("x-access-token", "secret"),
+                ("x-access-token", "secret"),
+            ],
+        )
+        .await?,
+        401,
+        "invalid_access_token",
+    )?;
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "locked"), ("x-access-token", "secret")],
+    )
+    .await?;
+    ensure!(r.status == 200, "right token: {}", r.text());
+    ensure!(
+        r.json()["headers"].get("x-access-token").is_none(),
+        "token must be stripped: {}",
+        r.text()
+    );
+    // A token sent to a sandbox without one is stripped too: it is never forwarded anywhere.
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-access-token", "secret")],
+    )
+    .await?;
+    ensure!(r.json()["headers"].get("x-access-token").is_none());
+    Ok(())
+}
+
+/// A listener that only counts connections: nothing may ever reach it.
+async fn victim() -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    Ok((addr, hits))
+}
+
+pub async fn client_cannot_choose_the_upstream(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["one"]).await?;
+    let (victim_addr, hits) = victim().await?;
+    let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({}))?;
+    let a = gw.addr();
+    let v = victim_addr.to_string();
+    let r = client::get(
+        a,
+        "/",
+        &[("x-sandbox-id", "alpha"), ("x-envoy-original-dst-host", &v)],
+    )
+    .await?;
+    ensure!(served_by(&r) == "one", "went elsewhere: {}", r.text());
+    ensure!(
+        r.json()["headers"]
+            .get("x-envoy-original-dst-host")
+            .is_none(),
+        "header must be removed: {}",
+        r.text()
+    );
+    expect_error(
+        &client::get(a, "/", &[("x-envoy-original-dst-host", &v)]).await?,
+        400,
+        "missing_sandbox_id",
+    )?;
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("x-sandbox-id", "ghost"), ("x-envoy-original-dst-host", &v)],
+        )
+        .await?,
+        404,
+        "sandbox_not_found",
+    )?;
+    // A Host naming an address is not a sandbox host.
+    expect_error(
+        &client::get(a, "/", &[("host", &v)]).await?,
+        400,
+        "missing_sandbox_id",
+    )?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ensure!(
+        hits.load(Ordering::SeqCst) == 0,
+        "victim reached {} times",
+        hits.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["one"]).await?;
+    let gw = start(&[RouteEntry::new("alpha", sb[0].addr)], json!({}))?;
+    let a = gw.addr();
+    let long_id = "a".repeat(8000);
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", &long_id)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    let huge = "b".repeat(50_000);
+    expect_error(
+        &client::get(a, "/", &[("x-sandbox-id", &huge)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    let long_host = format!("{}.sandbox.test", "c".repeat(10_000));
+    expect_error(
+        &client::get(a, "/", &[("host", &long_host)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    let long_host = format!("80-{}.sandbox.test", "c".repeat(10_000));
+    expect_error(
+        &client::get(a, "/", &[("host", &long_host)]).await?,
+        400,
+        "invalid_sandbox_id",
+    )?;
+    for id in [
+        "ALPHA", "alphA", "älpha", "al pha", "al.pha", "al/pha", "%61lpha",
+    ] {
+        let r = client::get(a, "/", &[("x-sandbox-id", id)]).await?;
+        expect_error(&r, 400, "invalid_sandbox_id").context(id.to_string())?;
+    }
+    let r = client::send_raw(
+        a,
+        b"GET / HTTP/1.1\r\nhost: g\r\nx-sandbox-id: al\xff\xfepha\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    ensure!(r.status == 400, "non-UTF-8 id: {} {}", r.status, r.text());
+    let r = client::send_raw(
+        a,
+        b"GET /sandboxes/\xc3\xa4lpha/80/ HTTP/1.1\r\nhost: g\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    ensure!(r.status == 400, "non-ASCII path id: {}", r.status);
+    // Over Envoy's own header limit (60 KiB) Envoy answers before any filter runs.
+    let too_big = "d".repeat(70_000);
+    let r = client::get(a, "/", &[("x-sandbox-id", "alpha"), ("x-pad", &too_big)]).await;
+    ensure!(
+        r.map(|r| r.status == 431).unwrap_or(true),
+        "oversized headers must not be routed"
+    );
+    // Still up and routing.
+    let r = client::get(a, "/", &[("x-sandbox-id", "alpha")]).await?;
+    ensure!(r.status == 200 && served_by(&r) == "one");
+    Ok(())
+}
