@@ -27,9 +27,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resource};
 use routing::config::{GatewayConfig, RouteSourceConfig};
-use sandbox_gateway_apiserver::{
-    fake_pod, set_annotation, set_ready, FakeApiServer, PORT_ANNOTATION,
-};
+use routing::contract::PORT_ANNOTATION;
+use sandbox_gateway_apiserver::{fake_pod, set_annotation, set_ready, FakeApiServer};
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::envoy::{admin_get, render, repo_root, Envoy, EnvoyOptions};
 use sandbox_gateway_harness::sandbox::SandboxServer;

@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-const ID_LABEL: &str = "sandboxgateway.io/sandbox-id";
-const PORT_ANNOTATION: &str = "sandboxgateway.io/port";
+use routing::contract::{PORT_ANNOTATION, SANDBOX_ID_LABEL as ID_LABEL};
 
 struct KubeGateway {
     envoy: Envoy,

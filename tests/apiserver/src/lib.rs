@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 
 pub use pods::{
     fake_pod, set_annotation, set_deletion_timestamp, set_label, set_pod_ip, set_ready,
-    LabelSelector, PORT_ANNOTATION, SANDBOX_ID_LABEL, TOKEN_SHA256_ANNOTATION,
+    LabelSelector,
 };
 
 /// Server options.

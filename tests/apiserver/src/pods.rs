@@ -6,14 +6,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::jiff::Timestamp;
+use routing::contract::SANDBOX_ID_LABEL;
 use serde_json::{json, Map, Value};
-
-/// The label that makes a Pod a sandbox route (see DESIGN.md, Kubernetes route contract).
-pub const SANDBOX_ID_LABEL: &str = "sandboxgateway.io/sandbox-id";
-/// Optional annotation: the sandbox's default port.
-pub const PORT_ANNOTATION: &str = "sandboxgateway.io/port";
-/// Optional annotation: hex SHA-256 of the sandbox's traffic token.
-pub const TOKEN_SHA256_ANNOTATION: &str = "sandboxgateway.io/access-token-sha256";
 
 /// RFC 3339 "now" at second precision, like the API server writes timestamps.
 pub fn now_rfc3339() -> String {
@@ -245,6 +239,7 @@ fn valid_key(k: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use routing::contract::PORT_ANNOTATION;
 
     #[test]
     fn selector_terms() {

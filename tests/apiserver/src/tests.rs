@@ -12,6 +12,7 @@ use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 
 use super::*;
+use routing::contract::{PORT_ANNOTATION, SANDBOX_ID_LABEL};
 
 const WAIT: Duration = Duration::from_secs(5);
 
