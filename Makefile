@@ -36,7 +36,7 @@ envoy: tools
 # Release module (target/release/libsandbox_gateway.so) and binaries: sandbox-extproc, and the
 # demo's sandbox-demo and sandbox-echo-server (the upstream of bench-callgrind and bench-wrk).
 build:
-	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-extproc
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	$(CARGO) build --release -p sandbox-gateway-demo --bins
 
 # Three local sandboxes behind Envoy on 127.0.0.1:10000; prints commands to try. Ctrl-C ends it.
@@ -46,7 +46,7 @@ demo: envoy build
 
 # The demo's own checks, with the debug module `make test` builds (no release build needed).
 demo-check: envoy
-	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug \
 	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
@@ -66,7 +66,7 @@ lint:
 # and the demo's checks.
 test: tools envoy lint
 	# The e2e tests run these as Envoy's module and as a child process.
-	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory demo-check
 	$(MAKE) --no-print-directory bench-quick
@@ -78,20 +78,20 @@ test: tools envoy lint
 # Writes benches/results/{report.json,table.md,latency.svg}. Extra flags: BENCH_ARGS="--rounds 5".
 BENCH_ARGS ?=
 bench: envoy
-	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-extproc -p sandbox-gateway-bench
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc -p sandbox-gateway-bench
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
 	  target/release/sandbox-bench --out benches/results $(BENCH_ARGS)
 
 # Smoke test of the harness (part of `make test`): every variant and workload, tiny and short,
 # debug builds; fails on empty results or any error, never on a timing.
 bench-quick: envoy
-	$(CARGO) build -p sandbox-gateway-filter -p sandbox-extproc
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
 	  $(CARGO) run -q -p sandbox-gateway-bench --bin sandbox-bench -- --quick --no-progress --out target/bench-quick
 
 # Criterion micro benchmarks of the routing core (key extraction, ID validation, route lookup).
 bench-micro:
-	$(CARGO) bench -p sandbox-routing --bench routing
+	$(CARGO) bench -p sandbox-gateway-routing --bench routing
 
 # Deterministic cost: Envoy instructions per request under callgrind, static vs module.
 bench-callgrind: envoy build

@@ -1,6 +1,6 @@
 //! Micro benchmarks for the per-request path of the routing core: ID validation, key extraction
 //! (header, Host and path forms) and route lookup in tables of 1k and 100k sandboxes.
-//! Run with `cargo bench -p sandbox-routing` (or `make bench-micro`).
+//! Run with `cargo bench -p sandbox-gateway-routing` (or `make bench-micro`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use routing::file_source::parse_routes;

@@ -1,5 +1,5 @@
 //! Against a real cluster (none is reachable from CI, hence `#[ignore]`):
-//! `cargo test -p sandbox-routing --test real_cluster -- --ignored`
+//! `cargo test -p sandbox-gateway-routing --test real_cluster -- --ignored`
 //! Uses `$KUBECONFIG` or `~/.kube/config`; needs list/watch on pods. Read-only: it creates nothing.
 
 use routing::config::{KubeSourceConfig, RouteSourceConfig};

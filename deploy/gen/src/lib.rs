@@ -18,6 +18,8 @@
 //! writes itself), else generation fails. The shared template's comments outside the included
 //! bodies (its header about placeholders) are dropped.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;

@@ -2,19 +2,24 @@
 //! envoy/gateway.yaml.tmpl and deploy/base/envoy-configmap.yaml.tmpl. `--check` only reports
 //! whether the committed file is up to date (exit status 1 if not).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
+use clap::Parser;
 use sandbox_gateway_deploy_gen::{generate_in, repo_root, OUTPUT};
 
+/// Writes the Kubernetes Envoy bootstrap from the shared template and the deploy-only parts.
+#[derive(Parser, Debug)]
+#[command(name = "sandbox-deploy-gen", version, about)]
+struct Args {
+    /// Only report whether the committed file is up to date (exit status 1 if not).
+    #[arg(long)]
+    check: bool,
+}
+
 fn main() -> ExitCode {
-    let check = match std::env::args().nth(1).as_deref() {
-        None => false,
-        Some("--check") => true,
-        Some(_) => {
-            eprintln!("usage: sandbox-deploy-gen [--check]");
-            return ExitCode::from(2);
-        }
-    };
+    let check = Args::parse().check;
     let root = repo_root();
     let fresh = match generate_in(&root) {
         Ok(text) => text,

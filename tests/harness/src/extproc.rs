@@ -18,7 +18,7 @@ pub fn extproc_bin() -> Result<PathBuf> {
         .unwrap_or_else(|| repo_root().join("target/debug/sandbox-extproc"));
     if !p.exists() {
         bail!(
-            "sandbox-extproc not found at {}. Build it first: `cargo build -p sandbox-extproc` \
+            "sandbox-extproc not found at {}. Build it first: `cargo build -p sandbox-gateway-extproc` \
              (make test does), or set SANDBOX_EXTPROC_BIN.",
             p.display()
         );
