@@ -74,6 +74,17 @@ async fn next_ok(w: &mut Watch, n: usize) -> (Vec<String>, usize) {
     (out, errors)
 }
 
+/// The next event of a raw watch, within `WAIT`.
+async fn next_watch_event(
+    events: &mut BoxStream<'_, kube::Result<WatchEvent<Pod>>>,
+) -> WatchEvent<Pod> {
+    tokio::time::timeout(WAIT, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 fn names(pods: &[Pod]) -> Vec<String> {
     pods.iter().map(|p| p.name_any()).collect()
 }
@@ -192,13 +203,7 @@ async fn raw_watch_replays_filters_and_bookmarks() {
     let rv = first["metadata"]["resourceVersion"].as_str().unwrap();
     let wp = WatchParams::default().labels(SANDBOX_ID_LABEL);
     let mut events = api.watch(&wp, rv).await.unwrap().boxed();
-    let mut next_event = async || {
-        tokio::time::timeout(WAIT, events.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-    };
+    let mut next_event = async || next_watch_event(&mut events).await;
     assert!(matches!(next_event().await, WatchEvent::Added(p) if p.name_any() == "s2"));
     match next_event().await {
         WatchEvent::Deleted(p) => {
@@ -246,13 +251,7 @@ async fn bookmarks_on_demand_and_watch_from_unset_version() {
         .await
         .unwrap()
         .boxed();
-    let mut next_event = async || {
-        tokio::time::timeout(WAIT, events.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-    };
+    let mut next_event = async || next_watch_event(&mut events).await;
     assert!(matches!(next_event().await, WatchEvent::Added(p) if p.name_any() == "s1"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.send_bookmark();

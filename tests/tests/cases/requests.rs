@@ -86,42 +86,25 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
         json!({"retry_after_s": 7}),
     )?;
     let a = gw.addr();
-    expect_error(&client::get(a, "/", &[]).await?, 400, "missing_sandbox_id")?;
-    expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "Alpha")]).await?,
-        400,
-        "invalid_sandbox_id",
-    )?;
-    expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "-x")]).await?,
-        400,
-        "invalid_sandbox_id",
-    )?;
-    expect_error(
-        &client::get(
-            a,
+    let bad_keys: [(&str, &[(&str, &str)], &str); 6] = [
+        ("/", &[], "missing_sandbox_id"),
+        ("/", &[("x-sandbox-id", "Alpha")], "invalid_sandbox_id"),
+        ("/", &[("x-sandbox-id", "-x")], "invalid_sandbox_id"),
+        (
             "/",
             &[("x-sandbox-id", "alpha"), ("x-sandbox-port", "0")],
-        )
-        .await?,
-        400,
-        "invalid_sandbox_port",
-    )?;
-    expect_error(
-        &client::get(
-            a,
+            "invalid_sandbox_port",
+        ),
+        (
             "/",
             &[("x-sandbox-id", "alpha"), ("x-sandbox-id", "beta")],
-        )
-        .await?,
-        400,
-        "duplicate_header",
-    )?;
-    expect_error(
-        &client::get(a, "/sandboxes/alpha/http/x", &[]).await?,
-        400,
-        "invalid_sandbox_port",
-    )?;
+            "duplicate_header",
+        ),
+        ("/sandboxes/alpha/http/x", &[], "invalid_sandbox_port"),
+    ];
+    for (path, headers, code) in bad_keys {
+        expect_error(&client::get(a, path, headers).await?, 400, code)?;
+    }
 
     let r = client::get(a, "/", &[("x-sandbox-id", "nobody")]).await?;
     expect_error(&r, 404, "sandbox_not_found")?;
@@ -135,35 +118,24 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
         r.headers
     );
 
-    expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", "locked")]).await?,
-        401,
-        "missing_access_token",
-    )?;
-    expect_error(
-        &client::get(
-            a,
-            "/",
+    let bad_tokens: [(&[(&str, &str)], &str); 3] = [
+        (&[("x-sandbox-id", "locked")], "missing_access_token"),
+        (
             &[("x-sandbox-id", "locked"), ("x-access-token", "secreT")],
-        )
-        .await?,
-        401,
-        "invalid_access_token",
-    )?;
-    expect_error(
-        &client::get(
-            a,
-            "/",
+            "invalid_access_token",
+        ),
+        (
             &[
                 ("x-sandbox-id", "locked"),
                 ("x-access-token", "secret"),
                 ("x-access-token", "secret"),
             ],
-        )
-        .await?,
-        401,
-        "invalid_access_token",
-    )?;
+            "invalid_access_token",
+        ),
+    ];
+    for (headers, code) in bad_tokens {
+        expect_error(&client::get(a, "/", headers).await?, 401, code)?;
+    }
     let r = client::get(
         a,
         "/",
