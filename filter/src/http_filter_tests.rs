@@ -360,3 +360,30 @@ fn a_panic_answers_500_internal_error() {
     let r = s.only_reply();
     assert_eq!((r.status, code(r)), (500, "internal_error"));
 }
+
+#[test]
+fn reply_body_shape() {
+    let mut s = FakeStream::new(&[]);
+    let mut id = SandboxId::new();
+    id.push_str("abc");
+    crate::reply::send(
+        &mut s,
+        &ErrorReply {
+            code: ReplyCode::SandboxNotReady,
+            id: Some(id),
+            retry_after_secs: Some(3),
+        },
+    );
+    crate::reply::send(&mut s, &ErrorReply::new(ReplyCode::MissingSandboxId));
+    assert_eq!(
+        s.replies[0].body,
+        serde_json::json!({"error": "sandbox_not_ready",
+            "message": "the sandbox is not ready yet", "sandbox_id": "abc"})
+    );
+    assert_eq!(s.replies[0].retry_after.as_deref(), Some("3"));
+    assert_eq!(
+        (s.replies[1].status, s.replies[1].retry_after.as_deref()),
+        (400, None)
+    );
+    assert!(s.replies[1].body.get("sandbox_id").is_none());
+}
