@@ -24,9 +24,9 @@ pub const ORIGINAL_DST_KEY: &str = "envoy.network.transport_socket.original_dst_
 /// The scheduler event that ends a miss hold.
 pub const EVENT_HOLD_DONE: u64 = 1;
 
-/// Envoy's request headers as the routing core reads them. Borrowed: the snapshot is ~1 KiB
-/// (32 inline entries), and moving it into the view cost ~100 instructions per request
-/// (callgrind).
+/// Envoy's request headers as the routing core reads them. Borrowed, so the ~1 KiB snapshot
+/// (32 inline entries) is never moved (callgrind showed no difference either way today: the
+/// compiler builds it in place, but nothing then depends on that).
 struct View<'a, H>(&'a H);
 
 impl<H: HeaderMap> RequestView for View<'_, H> {
