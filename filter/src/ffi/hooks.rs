@@ -132,8 +132,8 @@ pub unsafe fn config_new<C: HttpFilterConfig>(
             Ok(c) => Box::into_raw(Box::new(c)) as abi::filter_config_module_ptr,
             Err(e) => {
                 // Envoy only says the config failed; this line says why.
-                tracing::error!(filter = %name, error = %e, "sandbox_gateway config rejected");
-                eprintln!("sandbox_gateway config rejected: {e:#}");
+                tracing::error!(filter = %name, error = %e, "filter config rejected");
+                eprintln!("{name}: filter config rejected: {e:#}");
                 std::ptr::null()
             }
         }
