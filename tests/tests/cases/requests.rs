@@ -75,6 +75,9 @@ pub async fn header_host_and_path_routing(start: &Starter) -> Result<()> {
     Ok(())
 }
 
+/// Request headers, as `client::get` takes them.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
     let sb = sandboxes(&["one"]).await?;
     let gw = start(
@@ -86,7 +89,7 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
         json!({"retry_after_s": 7}),
     )?;
     let a = gw.addr();
-    let bad_keys: [(&str, &[(&str, &str)], &str); 6] = [
+    let bad_keys: [(&str, Headers, &str); 6] = [
         ("/", &[], "missing_sandbox_id"),
         ("/", &[("x-sandbox-id", "Alpha")], "invalid_sandbox_id"),
         ("/", &[("x-sandbox-id", "-x")], "invalid_sandbox_id"),
@@ -118,7 +121,7 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
         r.headers
     );
 
-    let bad_tokens: [(&[(&str, &str)], &str); 3] = [
+    let bad_tokens: [(Headers, &str); 3] = [
         (&[("x-sandbox-id", "locked")], "missing_access_token"),
         (
             &[("x-sandbox-id", "locked"), ("x-access-token", "secreT")],
