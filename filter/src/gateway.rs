@@ -2,7 +2,8 @@
 //! and the small tokio runtime that runs background work (route file polling, miss holds).
 //!
 //! Created on Envoy's main thread in `config_new`, shared read-only by every worker's filters,
-//! destroyed on the main thread after the last filter that used it.
+//! destroyed after the last filter that used it (usually on the main thread, but Envoy may
+//! release its config object from a worker; see `Drop`).
 
 use crate::ffi::{Commit, ConfigEnvoy, HttpFilterConfig, MetricId};
 use crate::http_filter::SandboxFilter;
@@ -135,6 +136,9 @@ impl Gateway {
             .enable_all()
             .build()
             .map_err(GatewayError::Runtime)?;
+        // What is already counted: the process-wide counters (panics, re-entries) keep their
+        // history across config reloads, and a new config must not publish it again.
+        let published = metrics.cumulative.map(|(_, read)| read(&source_stats));
         routing::source::start(
             &cfg.routes,
             Arc::clone(&table),
@@ -167,7 +171,7 @@ impl Gateway {
             table,
             metrics,
             source_stats,
-            published: Mutex::new([0; CUMULATIVE]),
+            published: Mutex::new(published),
             runtime: Some(runtime),
             stats_scheduler,
         })
@@ -203,7 +207,10 @@ impl Gateway {
     }
 }
 
-impl HttpFilterConfig for Gateway {
+// SAFETY: `new_filter` hands `&'static self` only to `SandboxFilter`, which keeps it in its own
+// field; the tasks the filter spawns (`hold`) capture an `Arc<RouteTable>`, never the gateway.
+#[allow(unsafe_code)]
+unsafe impl HttpFilterConfig for Gateway {
     type Filter = SandboxFilter;
     type Error = GatewayError;
 
@@ -225,8 +232,16 @@ impl HttpFilterConfig for Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         // Stop every thread that could commit to a scheduler before the schedulers are freed.
+        // Envoy's filters share its config object, so the last release (and this drop) can
+        // happen off the main thread, even on this runtime's own thread (a scheduler commit
+        // holds the config while it runs): blocking there would panic, so let the runtime wind
+        // down in the background. The stats scheduler is an `Arc`: whoever drops last frees it.
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
         }
         self.stats_scheduler.take();
     }

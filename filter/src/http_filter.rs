@@ -2,9 +2,9 @@
 //! with a JSON error. The rules are `routing::decide`'s (docs/design.md#request-path-rules);
 //! this file applies them through the `ffi::Stream` trait, so it is unit-tested against a fake.
 //!
-//! Envoy re-enters a stream's hooks (a local reply runs the response path before `send_response`
-//! returns), so every hook takes `&self` and the state that changes is in `Cell`/`OnceCell`,
-//! never borrowed across a call into Envoy.
+//! Envoy re-enters a stream's hooks (a local reply sent from the scheduled hook runs
+//! `stream_complete` before `send_response` returns), so every hook takes `&self` and the state
+//! that changes is in `Cell`/`OnceCell`, never borrowed across a call into Envoy.
 
 use crate::ffi::{Header, HeaderMap, HeadersStatus, HttpFilter, Stream};
 use crate::gateway::Gateway;
@@ -114,10 +114,9 @@ impl SandboxFilter {
         }
         let mut buf = TargetBuf::new();
         if !s.set_filter_state_typed(ORIGINAL_DST_KEY, route.target(port, &mut buf)) {
-            let mut id = SandboxId::new();
-            let _ = id.try_push_str(&route.spec.id);
             let r = ErrorReply {
-                id: Some(id),
+                // Table keys are validated IDs, so this always fits.
+                id: SandboxId::from(route.spec.id.as_str()).ok(),
                 ..ErrorReply::new(ReplyCode::RoutingFailed)
             };
             return self.send(s, &r);
@@ -167,7 +166,7 @@ impl SandboxFilter {
             sandbox_id = r.id.as_deref(),
             "local reply"
         );
-        // Envoy may run this filter's response hooks inside this call: no state is borrowed here.
+        // Envoy may run other hooks of this filter inside this call: no state is borrowed here.
         crate::reply::send(s, r);
         HeadersStatus::Replied
     }

@@ -75,7 +75,7 @@ impl ReplyCode {
             SandboxNotFound => "no sandbox with this id is routable",
             SandboxNotReady => "the sandbox is not ready yet",
             RoutesNotSynced => "the gateway has not loaded its routes yet",
-            RoutingFailed => "the gateway could not set the upstream address",
+            RoutingFailed => "Envoy rejected the upstream address",
             InternalError => "the gateway failed to process this request",
         }
     }

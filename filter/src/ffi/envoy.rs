@@ -264,6 +264,10 @@ impl Stream for EnvoyStream<'_> {
 
 /// A stream's scheduler (see [`Commit`]). Not `Clone`: its one owner makes the last commit and
 /// then frees Envoy's object by dropping it.
+///
+/// Envoy's object refers to the worker's dispatcher: a commit after Envoy has torn its workers
+/// down (server shutdown, before the config is destroyed) is Envoy's to survive, and nothing here
+/// can prevent it; the window is at most one miss hold (`miss_hold_ms`).
 pub struct EnvoyScheduler {
     raw: abi::filter_scheduler_ptr,
 }
@@ -330,8 +334,9 @@ impl EnvoyConfig {
                 abi::envoy_dynamic_module_callback_http_filter_config_define_histogram
             }
         };
-        // SAFETY: `raw` is the config being created (define_* is only valid during config_new,
-        // which is where this is called); buffers outlive the call; `id` is a valid out-pointer.
+        // SAFETY: `raw` is the config of the running config hook (`from_hook`); outside
+        // config_new Envoy refuses the definition with an error code (Frozen), nothing worse;
+        // buffers outlive the call; `id` is a valid out-pointer.
         let code = unsafe {
             f(
                 self.raw,
@@ -392,7 +397,8 @@ impl ConfigEnvoy for EnvoyConfig {
 
     /// A scheduler whose events run `on_config_scheduled` on Envoy's main thread.
     fn scheduler(&self) -> Option<EnvoyConfigScheduler> {
-        // SAFETY: `raw` is the live config; called from config_new on the main thread.
+        // SAFETY: `raw` is the config of the running config hook (`from_hook`), on the main
+        // thread.
         let raw = unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.raw)
         };
@@ -405,8 +411,9 @@ pub struct EnvoyConfigScheduler {
     raw: abi::filter_config_scheduler_ptr,
 }
 
-// SAFETY: commit is documented as callable from any thread; delete happens once, in Drop, after
-// its owner (the config) has stopped the threads that commit.
+// SAFETY: commit is documented as callable from any thread; delete happens once, in Drop, which
+// takes the value, so no commit through it can race the delete (shared holders use an `Arc`,
+// and the last one to drop it deletes).
 unsafe impl Send for EnvoyConfigScheduler {}
 // SAFETY: as for Send: commit is thread-safe, and `&self` gives access to nothing else.
 unsafe impl Sync for EnvoyConfigScheduler {}

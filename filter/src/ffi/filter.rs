@@ -1,9 +1,10 @@
 //! What a module implements, and what it may ask of Envoy: the traits between the generic hooks
 //! (`hooks.rs`) and the application. Nothing here knows what the filter does.
 //!
-//! A filter only ever gets `&self`: Envoy re-enters a stream's hooks (a local reply sent from
-//! `on_request_headers` runs the response path, and `on_stream_complete`, before it returns), so
-//! per-stream state that changes must live in `Cell`/`OnceCell`/`RefCell`. `Stream` and
+//! A filter only ever gets `&self`: Envoy re-enters a stream's hooks (measured on 1.40: a local
+//! reply sent from the scheduled hook runs `stream_complete` before it returns), so per-stream
+//! state that changes must live in `Cell`/`OnceCell`/`RefCell`, never borrowed across a call
+//! into Envoy. `Stream` and
 //! `ConfigEnvoy` are traits so the filter's logic runs against fakes in unit tests.
 
 use std::fmt::Display;
@@ -21,14 +22,21 @@ pub enum HeadersStatus {
 }
 
 /// One configured filter (one `config_new`): shared by every worker's streams, so `Sync`.
-pub trait HttpFilterConfig: Sized + Send + Sync + 'static {
+///
+/// # Safety
+/// [`HttpFilterConfig::new_filter`] is handed `&'static self`, but the config lives only until
+/// Envoy destroys it, after the last filter made from it. An implementation must keep that
+/// reference inside the filter it returns: never move it (or anything borrowing it) into another
+/// thread, a spawned task or a global, which could outlive the config.
+pub unsafe trait HttpFilterConfig: Sized + Send + Sync + 'static {
     type Filter: HttpFilter;
     type Error: Display;
 
     /// Parses and starts the config; an error makes Envoy reject the config (fail closed).
     fn new<E: ConfigEnvoy>(envoy: &E, name: &str, config: &[u8]) -> Result<Self, Self::Error>;
 
-    /// A filter for a new stream. The config outlives every filter made from it.
+    /// A filter for a new stream. The config outlives every filter made from it (and nothing
+    /// else: see the trait's safety contract).
     fn new_filter(&'static self) -> Self::Filter;
 
     /// An event committed to the config's scheduler, on Envoy's main thread.
@@ -85,8 +93,8 @@ pub trait Stream {
     /// Sets a request header; an empty value is refused (Envoy would read it as "remove").
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> bool;
     fn remove_request_header(&mut self, name: &str);
-    /// Sends a local reply; Envoy ends the stream with it (and may re-enter this filter's hooks
-    /// before the call returns).
+    /// Sends a local reply; Envoy ends the stream with it (and may run other hooks of this
+    /// filter, e.g. `stream_complete`, before the call returns).
     fn send_response(&mut self, status: u32, headers: &[(&str, &[u8])], body: &[u8], details: &str);
     /// Sets a typed filter-state object built by Envoy's factory for `key`; false if rejected.
     fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool;

@@ -3,8 +3,8 @@
 //! emits the `#[no_mangle]` functions; each calls the generic hook of the same name here.
 //!
 //! Every hook runs under one panic guard: unwinding into Envoy's C++ frames is undefined
-//! behaviour, so a panic is caught, counted ([`panics`]) and turned into a 500 for that request
-//! (or a rejected config).
+//! behaviour, so a panic is caught and counted ([`panics`]); in `request_headers` or `scheduled`
+//! it becomes a 500 for that request, in `config_new` a rejected config, elsewhere a default.
 //!
 //! Hooks only ever form `&Filter`. Envoy re-enters a stream's hooks: a local reply can run other
 //! hooks of the same filter before `send_response` returns (measured on 1.40: `stream_complete`
@@ -38,18 +38,31 @@ pub fn reentries() -> u64 {
 fn guard<T>(hook: &'static str, on_panic: T, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
-        Err(_) => {
-            PANICS.fetch_add(1, Ordering::Relaxed);
-            // Logging cannot unwind back into Envoy: tracing's fmt layer writes and drops errors.
-            tracing::error!(hook, "panic caught at the Envoy boundary");
+        Err(payload) => {
+            note_panic(hook, payload);
             on_panic
         }
     }
 }
 
-/// After a panic in a stream hook: answer without trusting the filter (itself guarded).
+/// Counts and logs a caught panic. Nothing here may unwind into Envoy: the payload is leaked
+/// rather than dropped (its `Drop` could panic again), and the log line runs under its own
+/// `catch_unwind` (a subscriber could panic).
+fn note_panic(hook: &'static str, payload: Box<dyn std::any::Any + Send>) {
+    PANICS.fetch_add(1, Ordering::Relaxed);
+    std::mem::forget(payload);
+    if let Err(again) = catch_unwind(|| tracing::error!(hook, "panic caught at the Envoy boundary"))
+    {
+        std::mem::forget(again);
+    }
+}
+
+/// After a panic in a stream hook (or with no filter to ask): answer without trusting the
+/// filter's state. A panic while answering is caught and counted too.
 fn answer_panic<F: HttpFilter>(stream: &mut EnvoyStream<'_>) {
-    let _ = catch_unwind(AssertUnwindSafe(|| F::on_panic(stream)));
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| F::on_panic(stream))) {
+        note_panic("on_panic", payload);
+    }
 }
 
 /// A stream's filter as Envoy holds it (`filter_module_ptr`).
@@ -76,20 +89,25 @@ impl<F> Drop for Entered<'_, F> {
     }
 }
 
+/// `None` when `ptr` is null: `filter_new` returns null when making the filter failed, and
+/// Envoy passes the module's pointer to later hooks without checking it.
+///
 /// # Safety
-/// `ptr` must be a pointer returned by [`filter_new`] for this `F` and not yet destroyed, and the
-/// call must be on the stream's worker thread (where Envoy runs all of a stream's hooks).
-unsafe fn enter<'a, F>(hook: &'static str, ptr: abi::filter_module_ptr) -> Entered<'a, F> {
-    // SAFETY: per the contract the slot is live; only shared references to it are ever formed
-    // while it lives (its changing state is in `Cell`s), so nested hooks may hold them at once.
-    let slot = unsafe { &*(ptr as *const Slot<F>) };
+/// `ptr` must be null or a pointer returned by [`filter_new`] for this `F` and not yet
+/// destroyed, and the call must be on the stream's worker thread (where Envoy runs all of a
+/// stream's hooks).
+unsafe fn enter<'a, F>(hook: &'static str, ptr: abi::filter_module_ptr) -> Option<Entered<'a, F>> {
+    // SAFETY: per the contract a non-null slot is live; only shared references to it are ever
+    // formed while it lives (its changing state is in `Cell`s), so nested hooks may hold them
+    // at once.
+    let slot = unsafe { (ptr as *const Slot<F>).as_ref() }?;
     let depth = slot.depth.get();
     if depth > 0 {
         REENTRIES.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(hook, depth, "Envoy re-entered the filter");
     }
     slot.depth.set(depth + 1);
-    Entered { slot }
+    Some(Entered { slot })
 }
 
 /// # Safety
@@ -158,8 +176,8 @@ pub unsafe fn config_scheduled<C: HttpFilterConfig>(
     event_id: u64,
 ) {
     guard("config_scheduled", (), || {
-        // SAFETY: `config` is live until config_destroy, which runs on this same (main) thread,
-        // and `config_envoy` is valid for this call.
+        // SAFETY: Envoy holds a reference to its config object while it runs this event, so
+        // config_destroy cannot run during it; `config_envoy` is valid for this call.
         let (c, envoy) = unsafe { (&*(config as *const C), EnvoyConfig::from_hook(config_envoy)) };
         c.on_scheduled(&envoy, event_id);
     })
@@ -172,7 +190,8 @@ pub unsafe fn filter_new<C: HttpFilterConfig>(
 ) -> abi::filter_module_ptr {
     guard("filter_new", std::ptr::null(), || {
         // SAFETY: Envoy keeps the config alive for as long as any filter made from it exists,
-        // so extending the borrow to the filter's life is sound.
+        // and `HttpFilterConfig`'s contract keeps the reference inside the filter, so extending
+        // the borrow to the filter's life is sound.
         let c: &'static C = unsafe { &*(config as *const C) };
         let slot = Slot {
             filter: c.new_filter(),
@@ -188,19 +207,20 @@ pub unsafe fn filter_new<C: HttpFilterConfig>(
 ///
 /// # Safety
 /// As for [`enter`], and `ptr` is not used again after this returns.
-unsafe fn take<F>(ptr: abi::filter_module_ptr) -> Box<Slot<F>> {
-    // SAFETY: the slot is live (contract); this shared look only reads its depth.
-    let depth = unsafe { &*(ptr as *const Slot<F>) }.depth.get();
+unsafe fn take<F>(ptr: abi::filter_module_ptr) -> Option<Box<Slot<F>>> {
+    // SAFETY: a non-null slot is live (contract); this shared look only reads its depth.
+    let depth = unsafe { (ptr as *const Slot<F>).as_ref() }?.depth.get();
     assert_eq!(
         depth, 0,
         "filter taken exclusively while one of its hooks is running"
     );
     // SAFETY: made by Box::into_raw in filter_new, taken exactly once, and no hook holds it.
-    unsafe { Box::from_raw(ptr as *mut Slot<F>) }
+    Some(unsafe { Box::from_raw(ptr as *mut Slot<F>) })
 }
 
 /// # Safety
-/// `filter` came from [`filter_new`] for this `C`; Envoy destroys it once, on its worker.
+/// `filter` is null or came from [`filter_new`] for this `C`; Envoy destroys it once, on its
+/// worker.
 pub unsafe fn filter_destroy<C: HttpFilterConfig>(filter: abi::filter_module_ptr) {
     guard("filter_destroy", (), || {
         // SAFETY: per the contract.
@@ -218,8 +238,8 @@ pub unsafe fn request_headers<C: HttpFilterConfig>(
     // SAFETY: `envoy` is the live stream of this hook, used only during it.
     let mut stream = unsafe { EnvoyStream::from_hook(envoy) };
     let status = guard("request_headers", None, || {
-        // SAFETY: `filter` is this stream's live filter, on its worker thread.
-        let f = unsafe { enter::<C::Filter>("request_headers", filter) };
+        // SAFETY: `filter` is this stream's filter (or null), on its worker thread.
+        let f = unsafe { enter::<C::Filter>("request_headers", filter) }?;
         Some(f.filter().on_request_headers(&mut stream, end_of_stream))
     });
     match status {
@@ -227,7 +247,7 @@ pub unsafe fn request_headers<C: HttpFilterConfig>(
         Some(HeadersStatus::Stop) => abi::HEADERS_STOP_ALL_ITERATION_AND_WATERMARK,
         Some(HeadersStatus::Replied) => abi::HEADERS_STOP_ITERATION,
         None => {
-            // Fail closed: nothing is routed after a panic.
+            // Fail closed: nothing is routed after a panic, or without a filter.
             answer_panic::<C::Filter>(&mut stream);
             abi::HEADERS_STOP_ITERATION
         }
@@ -242,14 +262,16 @@ pub unsafe fn request_body<C: HttpFilterConfig>(
     end_of_stream: bool,
 ) -> abi::body_status {
     guard("request_body", abi::BODY_CONTINUE, || {
-        // SAFETY: `envoy` is the live stream of this hook; `filter` its live filter.
+        // SAFETY: `envoy` is the live stream of this hook; `filter` its filter (or null).
         let (mut stream, f) = unsafe {
             (
                 EnvoyStream::from_hook(envoy),
                 enter::<C::Filter>("request_body", filter),
             )
         };
-        f.filter().on_request_body(&mut stream, end_of_stream);
+        if let Some(f) = f {
+            f.filter().on_request_body(&mut stream, end_of_stream);
+        }
         abi::BODY_CONTINUE
     })
 }
@@ -262,14 +284,16 @@ pub unsafe fn response_body<C: HttpFilterConfig>(
     end_of_stream: bool,
 ) -> abi::body_status {
     guard("response_body", abi::BODY_CONTINUE, || {
-        // SAFETY: `envoy` is the live stream of this hook; `filter` its live filter.
+        // SAFETY: `envoy` is the live stream of this hook; `filter` its filter (or null).
         let (mut stream, f) = unsafe {
             (
                 EnvoyStream::from_hook(envoy),
                 enter::<C::Filter>("response_body", filter),
             )
         };
-        f.filter().on_response_body(&mut stream, end_of_stream);
+        if let Some(f) = f {
+            f.filter().on_response_body(&mut stream, end_of_stream);
+        }
         abi::BODY_CONTINUE
     })
 }
@@ -284,9 +308,10 @@ pub unsafe fn scheduled<C: HttpFilterConfig>(
     // SAFETY: `envoy` is the live stream of this hook (Envoy only runs it while the filter lives).
     let mut stream = unsafe { EnvoyStream::from_hook(envoy) };
     let ok = guard("scheduled", false, || {
-        // SAFETY: `filter` is this stream's live filter, on its worker thread.
-        let f = unsafe { enter::<C::Filter>("scheduled", filter) };
-        f.filter().on_scheduled(&mut stream, event_id);
+        // SAFETY: `filter` is this stream's filter (or null), on its worker thread.
+        if let Some(f) = unsafe { enter::<C::Filter>("scheduled", filter) } {
+            f.filter().on_scheduled(&mut stream, event_id);
+        }
         true
     });
     if !ok {
@@ -297,7 +322,7 @@ pub unsafe fn scheduled<C: HttpFilterConfig>(
 /// A hook the filter does not act on, entered only so re-entries are seen.
 ///
 /// # Safety
-/// `filter` is a live filter from [`filter_new`] for this `C`, on its worker thread.
+/// `filter` is null or a live filter from [`filter_new`] for this `C`, on its worker thread.
 pub unsafe fn pass<C: HttpFilterConfig>(hook: &'static str, filter: abi::filter_module_ptr) {
     guard(hook, (), || {
         // SAFETY: per the contract.
@@ -305,9 +330,51 @@ pub unsafe fn pass<C: HttpFilterConfig>(hook: &'static str, filter: abi::filter_
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot_ptr(slot: Slot<u32>) -> abi::filter_module_ptr {
+        Box::into_raw(Box::new(slot)) as abi::filter_module_ptr
+    }
+
+    #[test]
+    fn a_null_filter_is_never_entered_or_freed() {
+        // SAFETY: null is allowed by both contracts.
+        unsafe {
+            assert!(enter::<u32>("test", std::ptr::null()).is_none());
+            assert!(take::<u32>(std::ptr::null()).is_none());
+        }
+    }
+
+    #[test]
+    fn nested_hooks_are_counted_and_freeing_under_one_is_refused() {
+        let ptr = slot_ptr(Slot {
+            filter: 7,
+            depth: Cell::new(0),
+        });
+        let before = reentries();
+        // SAFETY: `ptr` is a live slot on this thread until `take` below frees it.
+        unsafe {
+            let outer = enter::<u32>("outer", ptr).unwrap();
+            let inner = enter::<u32>("inner", ptr).unwrap();
+            assert_eq!((*outer.filter(), *inner.filter()), (7, 7));
+            assert!(reentries() > before);
+            // Freeing while hooks hold the filter: a counted panic, and the slot stays.
+            let panics_before = panics();
+            guard("test_destroy", (), || drop(take::<u32>(ptr)));
+            assert_eq!(panics(), panics_before + 1);
+            drop(inner);
+            drop(outer);
+            assert!(take::<u32>(ptr).is_some());
+        }
+    }
+}
+
 /// Emits every hook Envoy 1.40 requires, for the config type `$config`; `$init` runs once when
-/// the module is loaded. Hooks this filter has no use for (callouts, side streams, trailers,
-/// watermarks, response headers, stream completion) are exported as no-ops that touch nothing.
+/// the module is loaded. Response headers and stream completion only enter the slot (so their
+/// re-entries are counted); the hooks this filter has no use for (callouts, side streams,
+/// trailers, watermarks) are exported as no-ops that touch nothing.
 macro_rules! export_http_filter {
     (config = $config:ty, init = $init:path) => {
         /// Envoy's entry points into the module (see `ffi::hooks`).
