@@ -330,47 +330,6 @@ pub unsafe fn pass<C: HttpFilterConfig>(hook: &'static str, filter: abi::filter_
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot_ptr(slot: Slot<u32>) -> abi::filter_module_ptr {
-        Box::into_raw(Box::new(slot)) as abi::filter_module_ptr
-    }
-
-    #[test]
-    fn a_null_filter_is_never_entered_or_freed() {
-        // SAFETY: null is allowed by both contracts.
-        unsafe {
-            assert!(enter::<u32>("test", std::ptr::null()).is_none());
-            assert!(take::<u32>(std::ptr::null()).is_none());
-        }
-    }
-
-    #[test]
-    fn nested_hooks_are_counted_and_freeing_under_one_is_refused() {
-        let ptr = slot_ptr(Slot {
-            filter: 7,
-            depth: Cell::new(0),
-        });
-        let before = reentries();
-        // SAFETY: `ptr` is a live slot on this thread until `take` below frees it.
-        unsafe {
-            let outer = enter::<u32>("outer", ptr).unwrap();
-            let inner = enter::<u32>("inner", ptr).unwrap();
-            assert_eq!((*outer.filter(), *inner.filter()), (7, 7));
-            assert!(reentries() > before);
-            // Freeing while hooks hold the filter: a counted panic, and the slot stays.
-            let panics_before = panics();
-            guard("test_destroy", (), || drop(take::<u32>(ptr)));
-            assert_eq!(panics(), panics_before + 1);
-            drop(inner);
-            drop(outer);
-            assert!(take::<u32>(ptr).is_some());
-        }
-    }
-}
-
 /// Emits every hook Envoy 1.40 requires, for the config type `$config`; `$init` runs once when
 /// the module is loaded. Response headers and stream completion only enter the slot (so their
 /// re-entries are counted); the hooks this filter has no use for (callouts, side streams,
@@ -588,3 +547,44 @@ macro_rules! export_http_filter {
     };
 }
 pub(crate) use export_http_filter;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot_ptr(slot: Slot<u32>) -> abi::filter_module_ptr {
+        Box::into_raw(Box::new(slot)) as abi::filter_module_ptr
+    }
+
+    #[test]
+    fn a_null_filter_is_never_entered_or_freed() {
+        // SAFETY: null is allowed by both contracts.
+        unsafe {
+            assert!(enter::<u32>("test", std::ptr::null()).is_none());
+            assert!(take::<u32>(std::ptr::null()).is_none());
+        }
+    }
+
+    #[test]
+    fn nested_hooks_are_counted_and_freeing_under_one_is_refused() {
+        let ptr = slot_ptr(Slot {
+            filter: 7,
+            depth: Cell::new(0),
+        });
+        let before = reentries();
+        // SAFETY: `ptr` is a live slot on this thread until `take` below frees it.
+        unsafe {
+            let outer = enter::<u32>("outer", ptr).unwrap();
+            let inner = enter::<u32>("inner", ptr).unwrap();
+            assert_eq!((*outer.filter(), *inner.filter()), (7, 7));
+            assert!(reentries() > before);
+            // Freeing while hooks hold the filter: a counted panic, and the slot stays.
+            let panics_before = panics();
+            guard("test_destroy", (), || drop(take::<u32>(ptr)));
+            assert_eq!(panics(), panics_before + 1);
+            drop(inner);
+            drop(outer);
+            assert!(take::<u32>(ptr).is_some());
+        }
+    }
+}
