@@ -84,8 +84,9 @@ struct RawConfig {
     miss_hold_ms: u64,
     #[serde(default = "default_retry_after_s")]
     retry_after_s: u32,
-    #[serde(default = "default_token_header")]
-    access_token_header: String,
+    /// Absent: the header preset's token header (see `default_token_header`).
+    #[serde(default)]
+    access_token_header: Option<String>,
     #[serde(default = "default_activity_throttle_ms")]
     activity_stream_throttle_ms: u64,
     #[serde(default)]
@@ -181,8 +182,15 @@ fn default_miss_hold_ms() -> u64 {
 fn default_retry_after_s() -> u32 {
     1
 }
-fn default_token_header() -> String {
-    "x-access-token".into()
+/// The gateway's token header when `access_token_header` is not given. The `e2b` preset uses
+/// E2B's gateway token header, so envd's own `X-Access-Token` passes through to the sandbox
+/// untouched (the gateway strips its token header from every request).
+fn default_token_header(e2b_preset: bool) -> &'static str {
+    if e2b_preset {
+        "e2b-traffic-access-token"
+    } else {
+        "x-access-token"
+    }
 }
 fn default_activity_throttle_ms() -> u64 {
     1000
@@ -203,6 +211,7 @@ impl GatewayConfig {
                 path: e.path().to_string(),
                 source: e.into_inner(),
             })?;
+        let e2b_preset = matches!(&raw.header_keys, RawHeaderKeys::Preset(p) if p == "e2b");
         let headers = match raw.header_keys {
             RawHeaderKeys::Preset(p) => match p.as_str() {
                 "default" => Some(HeaderNames::default()),
@@ -233,7 +242,11 @@ impl GatewayConfig {
         if let Some(p) = &raw.path_prefix {
             check_path_prefix(p)?;
         }
-        check_header_name("access_token_header", &raw.access_token_header)?;
+        // An explicit `access_token_header` always wins over the preset's.
+        let access_token_header = raw
+            .access_token_header
+            .unwrap_or_else(|| default_token_header(e2b_preset).into());
+        check_header_name("access_token_header", &access_token_header)?;
         if raw.miss_hold_ms > MAX_MISS_HOLD_MS {
             return Err(field_err(
                 "miss_hold_ms",
@@ -311,7 +324,7 @@ impl GatewayConfig {
             routes,
             miss_hold: Duration::from_millis(raw.miss_hold_ms),
             retry_after_secs: raw.retry_after_s,
-            access_token_header: raw.access_token_header,
+            access_token_header,
             activity_stream_throttle: Duration::from_millis(raw.activity_stream_throttle_ms),
             activity_report: activity_report(raw.activity_report)?,
         })
@@ -429,6 +442,16 @@ mod tests {
         let base = r#""route_source": {"type": "file", "path": "/r"}"#;
         let c = parse(&format!(r#"{{"header_keys": "e2b", {base}}}"#)).unwrap();
         assert_eq!(c.keys.headers, Some(HeaderNames::e2b()));
+        // The e2b preset's token is E2B's gateway token, never envd's own `X-Access-Token`.
+        assert_eq!(c.access_token_header, "e2b-traffic-access-token");
+        // An explicit header wins over the preset's, whichever order they come in.
+        let c = parse(&format!(
+            r#"{{"access_token_header": "x-gw-token", "header_keys": "e2b", {base}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.access_token_header, "x-gw-token");
+        let c = parse(&format!(r#"{{"header_keys": "default", {base}}}"#)).unwrap();
+        assert_eq!(c.access_token_header, "x-access-token");
         let c = parse(&format!(r#"{{"header_keys": "off", {base}}}"#)).unwrap();
         assert_eq!(c.keys.headers, None);
         let c = parse(&format!(

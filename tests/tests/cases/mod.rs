@@ -32,6 +32,7 @@ macro_rules! shared_cases {
             miss_hold_waits_for_a_late_route,
             hostile_input_gets_400,
             open_websocket_survives_route_removal,
+            e2b_preset_leaves_envds_token_alone,
         );
     };
     (@each $starter:path; $($name:ident),* $(,)?) => {

@@ -284,3 +284,60 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
     ensure!(r.status == 200 && served_by(&r) == "one");
     Ok(())
 }
+
+/// The `e2b` preset: the gateway's token travels as `e2b-traffic-access-token` and is stripped;
+/// envd's own `X-Access-Token` reaches the sandbox untouched (envd authenticates with it), and an
+/// explicit `access_token_header` still wins over the preset's.
+pub async fn e2b_preset_leaves_envds_token_alone(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["envd"]).await?;
+    let routes = [RouteEntry::new("box", sb[0].addr).token_sha256(SECRET_SHA256)];
+    let gw = start(&routes, json!({"header_keys": "e2b"}))?;
+    let a = gw.addr();
+    let r = client::get(
+        a,
+        "/",
+        &[
+            ("e2b-sandbox-id", "box"),
+            ("e2b-traffic-access-token", "secret"),
+            ("x-access-token", "envd-token"),
+        ],
+    )
+    .await?;
+    ensure!(r.status == 200, "gateway token accepted: {}", r.text());
+    let headers = &r.json()["headers"];
+    ensure!(
+        headers["x-access-token"] == "envd-token",
+        "envd's token must reach the sandbox: {}",
+        r.text()
+    );
+    ensure!(
+        headers.get("e2b-traffic-access-token").is_none(),
+        "the gateway's token must be stripped: {}",
+        r.text()
+    );
+    // envd's header is not the gateway's token: without the gateway token, 401.
+    expect_error(
+        &client::get(
+            a,
+            "/",
+            &[("e2b-sandbox-id", "box"), ("x-access-token", "secret")],
+        )
+        .await?,
+        401,
+        "missing_access_token",
+    )?;
+    drop(gw);
+
+    let gw = start(
+        &routes,
+        json!({"header_keys": "e2b", "access_token_header": "x-gw-token"}),
+    )?;
+    let r = client::get(
+        gw.addr(),
+        "/",
+        &[("e2b-sandbox-id", "box"), ("x-gw-token", "secret")],
+    )
+    .await?;
+    ensure!(r.status == 200, "explicit header wins: {}", r.text());
+    Ok(())
+}
