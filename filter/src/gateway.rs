@@ -177,15 +177,11 @@ impl Gateway {
         })
     }
 
-    /// Runs `fut` on the module's runtime (never on an Envoy worker). False (and `fut` dropped)
-    /// once the runtime is gone.
-    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
-        match &self.runtime {
-            Some(rt) => {
-                rt.spawn(fut);
-                true
-            }
-            None => false,
+    /// Runs `fut` on the module's runtime (never on an Envoy worker). The runtime lives until
+    /// the gateway is dropped, which Envoy does only after the last filter that could call this.
+    pub fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.runtime {
+            rt.spawn(fut);
         }
     }
 

@@ -145,15 +145,11 @@ impl SandboxFilter {
         let table = Arc::clone(&gw.table);
         let hold = gw.cfg.miss_hold;
         // The task owns the scheduler: it makes the only commit, then frees it.
-        let spawned = gw.spawn(async move {
+        gw.spawn(async move {
             table.wait_for(&id, hold).await;
             drop(permit);
             crate::ffi::Commit::commit(&scheduler, EVENT_HOLD_DONE);
         });
-        if !spawned {
-            self.hold_started.set(None);
-            return self.after_hold(s);
-        }
         s.increment_counter(gw.metrics.miss_holds, None, 1);
         HeadersStatus::Stop
     }

@@ -331,9 +331,10 @@ pub unsafe fn pass<C: HttpFilterConfig>(hook: &'static str, filter: abi::filter_
 }
 
 /// Emits every hook Envoy 1.40 requires, for the config type `$config`; `$init` runs once when
-/// the module is loaded. Response headers and stream completion only enter the slot (so their
-/// re-entries are counted); the hooks this filter has no use for (callouts, side streams,
-/// trailers, watermarks) are exported as no-ops that touch nothing.
+/// the module is loaded. Stream completion only enters the slot, so its re-entries (measured:
+/// inside a reply sent from `scheduled`) are counted; the hooks this filter has no use for
+/// (response headers, callouts, side streams, trailers, watermarks) are no-ops that touch
+/// nothing.
 macro_rules! export_http_filter {
     (config = $config:ty, init = $init:path) => {
         /// Envoy's entry points into the module (see `ffi::hooks`).
@@ -443,11 +444,9 @@ macro_rules! export_http_filter {
             #[no_mangle]
             pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
                 _envoy: abi::filter_envoy_ptr,
-                filter: abi::filter_module_ptr,
+                _filter: abi::filter_module_ptr,
                 _end_of_stream: bool,
             ) -> abi::headers_status {
-                // SAFETY: as above.
-                unsafe { hooks::pass::<$config>("response_headers", filter) };
                 abi::HEADERS_CONTINUE
             }
 
