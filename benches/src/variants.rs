@@ -6,10 +6,10 @@
 //! whose CPU and memory count as "the gateway".
 
 use crate::loadgen;
-use crate::procfs;
 use crate::workloads::sandbox_id;
 use anyhow::{bail, Context, Result};
 use hyper::header::HeaderValue;
+use sandbox_gateway_bench::procfs;
 use sandbox_gateway_harness::envoy::{render, repo_root, yaml_string, Envoy, EnvoyOptions};
 use sandbox_gateway_harness::extproc::{extproc_bin, extproc_bootstrap, message_timeout, ExtProc};
 use sandbox_gateway_harness::gateway::{write_routes, RouteEntry};

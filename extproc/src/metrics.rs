@@ -12,9 +12,11 @@ use tokio::net::TcpListener;
 
 pub struct Metrics {
     pub registry: Registry,
-    /// ext_proc requests by outcome: `routed`, or the local reply's error code.
+    /// ext_proc requests by outcome: `routed`, `ready` (readiness probes answered 200), or the
+    /// local reply's error code.
     pub requests: IntCounterVec,
     pub miss_holds: IntCounter,
+    pub miss_holds_displaced: IntCounter,
     /// Time from request headers received to the answer sent, seconds.
     pub decision_seconds: Histogram,
     pub report_streams: IntGauge,
@@ -58,6 +60,10 @@ impl Metrics {
         Ok(Arc::new(Metrics {
             requests,
             miss_holds: counter("miss_holds_total", "requests held for a missing route")?,
+            miss_holds_displaced: counter(
+                "miss_holds_displaced_total",
+                "holds ended early to make room for a lighter client's miss",
+            )?,
             decision_seconds,
             report_streams: gauge("report_streams", "open ActivityService.Report streams")?,
             report_batches: counter("report_batches_total", "activity batches merged")?,

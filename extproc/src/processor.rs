@@ -10,17 +10,24 @@ use crate::activity::Activity;
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+    processing_mode::HeaderSendMode, ProcessingMode,
+};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     external_processor_server::ExternalProcessor, processing_request, processing_response,
-    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, TrailersResponse,
+    BodyResponse, CommonResponse, GrpcStatus, HeaderMutation, HeadersResponse, HttpHeaders,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use routing::activity::now_ms;
+use routing::activity::StreamSlot;
 use routing::decide::{
-    decide, decide_after_hold, Decision, ErrorReply, FinalDecision, Forward, ORIGINAL_DST_HEADER,
+    decide, decide_after_hold, open_stream, Decision, ErrorReply, FinalDecision, Forward,
+    HeaderChange, Ready, FORWARDED_HOST_HEADER, FORWARDED_PREFIX_HEADER, ORIGINAL_DST_HEADER,
 };
+use routing::holds::{ClientKey, HoldBook};
+use routing::reply::is_grpc_content_type;
 use routing::{GatewayConfig, KeyError, RequestView, TargetBuf};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +43,25 @@ pub const METADATA_UPSTREAM_KEY: &str = "upstream";
 pub struct Processor {
     pub cfg: Arc<GatewayConfig>,
     pub activity: Arc<Activity>,
+    /// Requests held on a miss: at most `max_held_misses`, shared fairly (routing::holds).
+    pub holds: Arc<HoldBook>,
+}
+
+/// The ext_proc filter's attribute namespace, and the attribute the bootstrap asks for
+/// (`request_attributes`): the downstream address, by which held misses are shared.
+const ATTRIBUTES_NAMESPACE: &str = "envoy.filters.http.ext_proc";
+const SOURCE_ADDRESS: &str = "source.address";
+
+/// The client a request came from, from the attributes Envoy sent with it.
+fn client_of(attributes: &HashMap<String, Struct>) -> ClientKey {
+    let addr = attributes
+        .get(ATTRIBUTES_NAMESPACE)
+        .and_then(|s| s.fields.get(SOURCE_ADDRESS))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.as_bytes()),
+            _ => None,
+        });
+    addr.map_or(ClientKey::Unknown, ClientKey::from_source)
 }
 
 /// ext_proc's header list as a `RequestView`. Envoy sends one entry per value, so a header sent
@@ -89,8 +115,14 @@ fn string_value(s: String) -> Value {
 }
 
 impl Processor {
-    /// Decides one request: the module's rules, with the miss hold as an async wait.
-    pub async fn on_request_headers(&self, h: &HttpHeaders) -> ProcessingResponse {
+    /// Decides one request: the module's rules, with the miss hold as an async wait. A routed
+    /// request also gets its sandbox's stream slot, which the caller holds until the sandbox's
+    /// response headers arrive (or the stream ends).
+    pub async fn on_request_headers(
+        &self,
+        h: &HttpHeaders,
+        attributes: &HashMap<String, Struct>,
+    ) -> (ProcessingResponse, Option<StreamSlot>) {
         let started = Instant::now();
         let list = h
             .headers
@@ -100,14 +132,21 @@ impl Processor {
         let view = Headers(list);
         let table = &self.activity.table;
         let resp = match decide(&self.cfg, table, &view) {
-            Decision::Reply(r) => self.reply(r),
-            Decision::Forward(f) => self.forward(f),
+            Decision::Reply(r) => (self.reply(r, &view), None),
+            Decision::Ready(r) => (self.ready(r), None),
+            Decision::Forward(f) => self.forward(f, &view),
             Decision::Hold(id) => {
                 self.activity.metrics.miss_holds.inc();
-                table.wait_for(&id, self.cfg.miss_hold).await;
+                // Always admitted; when full, the heaviest client's oldest hold gives way.
+                let (hold, displaced) = self.holds.admit(client_of(attributes));
+                if displaced {
+                    self.activity.metrics.miss_holds_displaced.inc();
+                }
+                hold.wait(table, &id, self.cfg.miss_hold).await;
+                drop(hold);
                 match decide_after_hold(&self.cfg, table, &view) {
-                    FinalDecision::Reply(r) => self.reply(r),
-                    FinalDecision::Forward(f) => self.forward(f),
+                    FinalDecision::Reply(r) => (self.reply(r, &view), None),
+                    FinalDecision::Forward(f) => self.forward(f, &view),
                 }
             }
         };
@@ -118,7 +157,11 @@ impl Processor {
         resp
     }
 
-    fn forward(&self, f: Forward) -> ProcessingResponse {
+    fn forward(&self, f: Forward, view: &Headers<'_>) -> (ProcessingResponse, Option<StreamSlot>) {
+        let slot = match open_stream(&self.cfg, &f) {
+            Ok(slot) => slot,
+            Err(busy) => return (self.reply(busy, view), None),
+        };
         let mut buf = TargetBuf::new();
         let target = f.route.target(f.port, &mut buf).to_string();
         // Always removed, present or not: cheap, and no later hop can be steered by it.
@@ -127,11 +170,26 @@ impl Processor {
             // The token is for the gateway; a sandbox never sees it.
             remove_headers.push(self.cfg.access_token_header.clone());
         }
-        let set_headers = f
-            .new_path
-            .as_deref()
-            .map(|p| vec![header(":path", p)])
-            .unwrap_or_default();
+        let mut set_headers = Vec::new();
+        if let Some(p) = &f.new_path {
+            set_headers.push(header(":path", p));
+        }
+        let mut edit = |name: &str, change: &HeaderChange| match change {
+            HeaderChange::Unchanged => {}
+            HeaderChange::Remove => remove_headers.push(name.to_string()),
+            // Overwrite, not append: every value the client sent is replaced.
+            HeaderChange::Set(v) => set_headers.push(header(name, v)),
+        };
+        edit(FORWARDED_PREFIX_HEADER, &f.forwarded_prefix);
+        if let Some(h) = &f.host {
+            // Needs `allow_all_routing` in the ext_proc filter's mutation_rules
+            // (envoy/extproc.yaml.tmpl); without it Envoy drops the change silently.
+            edit(
+                ":authority",
+                &HeaderChange::Set(h.authority.as_bytes().to_vec()),
+            );
+            edit(FORWARDED_HOST_HEADER, &h.forwarded_host);
+        }
         f.route.activity.touch(now_ms());
         self.activity
             .metrics
@@ -150,7 +208,7 @@ impl Processor {
                 },
             )]),
         };
-        ProcessingResponse {
+        let resp = ProcessingResponse {
             response: Some(processing_response::Response::RequestHeaders(
                 HeadersResponse {
                     response: Some(CommonResponse {
@@ -165,11 +223,40 @@ impl Processor {
                 },
             )),
             dynamic_metadata: Some(metadata),
+            // Tell us when the sandbox answers, to free the slot then (the bootstrap's
+            // allow_mode_override); bodies and trailers stay with Envoy.
+            mode_override: Some(ProcessingMode {
+                response_header_mode: HeaderSendMode::Send as i32,
+                request_trailer_mode: HeaderSendMode::Skip as i32,
+                response_trailer_mode: HeaderSendMode::Skip as i32,
+                ..Default::default()
+            }),
             ..Default::default()
-        }
+        };
+        (resp, Some(slot))
     }
 
-    fn reply(&self, r: ErrorReply) -> ProcessingResponse {
+    /// The readiness probe, answered like the module answers it.
+    fn ready(&self, r: Ready) -> ProcessingResponse {
+        self.activity
+            .metrics
+            .requests
+            .with_label_values(&["ready"])
+            .inc();
+        immediate(
+            Ready::STATUS,
+            vec![header("content-type", b"application/json")],
+            r.body().into_bytes(),
+            None,
+            "sandbox_gateway_ready",
+        )
+    }
+
+    /// A refusal: JSON for HTTP clients; for gRPC (Envoy's rule, `is_grpc_content_type`) the
+    /// reply's gRPC status, which Envoy sends as a trailers-only response with the body as
+    /// `grpc-message`.
+    fn reply(&self, r: ErrorReply, view: &Headers<'_>) -> ProcessingResponse {
+        let grpc = matches!(view.header("content-type"), Ok(Some(v)) if is_grpc_content_type(v));
         self.activity
             .metrics
             .requests
@@ -181,28 +268,53 @@ impl Processor {
             sandbox_id = r.id.as_deref(),
             "local reply"
         );
-        let mut set_headers = vec![header("content-type", b"application/json")];
+        let mut set_headers = Vec::with_capacity(3);
+        let (body, grpc_status) = if grpc {
+            if let Some(s) = r.retry_after_secs {
+                // gRPC's own retry pushback (gRFC A6).
+                let ms = u64::from(s) * 1000;
+                set_headers.push(header("grpc-retry-pushback-ms", ms.to_string().as_bytes()));
+            }
+            let status = GrpcStatus {
+                status: r.code.grpc_status(),
+            };
+            (r.grpc_message().into_bytes(), Some(status))
+        } else {
+            set_headers.push(header("content-type", b"application/json"));
+            (r.body().into_bytes(), None)
+        };
         if let Some(s) = r.retry_after_secs {
             set_headers.push(header("retry-after", s.to_string().as_bytes()));
         }
-        ProcessingResponse {
-            response: Some(processing_response::Response::ImmediateResponse(
-                ImmediateResponse {
-                    status: Some(HttpStatus {
-                        code: r.status() as i32,
-                    }),
-                    headers: Some(HeaderMutation {
-                        set_headers,
-                        remove_headers: vec![],
-                    }),
-                    body: r.body().into_bytes(),
-                    // Shows up as %RESPONSE_CODE_DETAILS% in Envoy's access log.
-                    details: r.code.code().into(),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        }
+        immediate(r.status(), set_headers, body, grpc_status, r.code.code())
+    }
+}
+
+/// An answer Envoy sends itself instead of forwarding (`grpc_status` for gRPC requests).
+fn immediate(
+    status: u32,
+    set_headers: Vec<HeaderValueOption>,
+    body: Vec<u8>,
+    grpc_status: Option<GrpcStatus>,
+    details: &str,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(
+            ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: status as i32,
+                }),
+                headers: Some(HeaderMutation {
+                    set_headers,
+                    remove_headers: vec![],
+                }),
+                body,
+                grpc_status,
+                // Shows up as %RESPONSE_CODE_DETAILS% in Envoy's access log.
+                details: details.into(),
+            },
+        )),
+        ..Default::default()
     }
 }
 
@@ -232,8 +344,12 @@ impl ExternalProcessor for Processor {
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let this = self.clone();
-        // One stream per HTTP request; it ends when Envoy closes it.
+        // One stream per HTTP request; Envoy closes it after the response headers (the last
+        // phase the bootstrap asks for) or when the request ends first.
         tokio::spawn(async move {
+            // The routed sandbox's stream slot: held while the sandbox has not answered, so a
+            // hung sandbox can take at most `max_streams_per_sandbox` requests at once.
+            let mut slot: Option<StreamSlot> = None;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -246,7 +362,16 @@ impl ExternalProcessor for Processor {
                 let Some(req) = msg.request else { continue };
                 let resp = match &req {
                     processing_request::Request::RequestHeaders(h) => {
-                        this.on_request_headers(h).await
+                        let (resp, s) = this.on_request_headers(h, &msg.attributes).await;
+                        drop(std::mem::replace(&mut slot, s));
+                        resp
+                    }
+                    processing_request::Request::ResponseHeaders(_) => {
+                        drop(slot.take());
+                        ProcessingResponse {
+                            response: passthrough(&req),
+                            ..Default::default()
+                        }
                     }
                     other => ProcessingResponse {
                         response: passthrough(other),

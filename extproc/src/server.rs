@@ -7,6 +7,7 @@ use crate::metrics::{self, Metrics};
 use crate::processor::Processor;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use proto::v1::activity_service_server::ActivityServiceServer;
+use routing::holds::HoldBook;
 use routing::stats::SourceStats;
 use routing::{GatewayConfig, RouteTable};
 use std::net::SocketAddr;
@@ -104,6 +105,7 @@ pub async fn serve(
     let processor = Processor {
         cfg: Arc::new(opts.config.clone()),
         activity: Arc::clone(&activity),
+        holds: HoldBook::new(opts.config.max_held_misses),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

@@ -7,6 +7,7 @@
 
 use crate::ffi::{Commit, ConfigEnvoy, HttpFilterConfig, MetricId};
 use crate::http_filter::SandboxFilter;
+use routing::holds::HoldBook;
 use routing::stats::SourceStats;
 use routing::{GatewayConfig, RouteTable};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,8 @@ pub struct Metrics {
     pub routed: MetricId,
     pub local_replies: MetricId,
     pub miss_holds: MetricId,
+    /// Holds ended early to make room for a miss from a lighter client (routing::holds).
+    pub miss_holds_displaced: MetricId,
     pub miss_hold_ms: MetricId,
     routes: MetricId,
     routes_synced: MetricId,
@@ -54,6 +57,7 @@ impl Metrics {
             routed: h.define_counter("requests_routed", &[])?,
             local_replies: h.define_counter("local_replies", &["error"])?,
             miss_holds: h.define_counter("miss_holds", &[])?,
+            miss_holds_displaced: h.define_counter("miss_holds_displaced", &[])?,
             miss_hold_ms: h.define_histogram("miss_hold_ms")?,
             routes: h.define_gauge("routes")?,
             routes_synced: h.define_gauge("routes_synced")?,
@@ -88,33 +92,10 @@ impl Metrics {
     }
 }
 
-/// Bounds the requests held on a miss at once: each holds a task and a scheduler, and the IDs
-/// come from clients.
-pub struct HoldGate {
-    active: Arc<AtomicU64>,
-}
-
-pub const MAX_HOLDS: u64 = 10_000;
-
-pub struct HoldPermit(Arc<AtomicU64>);
-
-impl Drop for HoldPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl HoldGate {
-    pub fn try_acquire(&self) -> Option<HoldPermit> {
-        let prev = self.active.fetch_add(1, Ordering::AcqRel);
-        let permit = HoldPermit(Arc::clone(&self.active));
-        (prev < MAX_HOLDS).then_some(permit)
-    }
-}
-
 pub struct Gateway {
     pub cfg: GatewayConfig,
-    pub holds: HoldGate,
+    /// Requests held on a miss: at most `max_held_misses`, shared fairly (routing::holds).
+    pub holds: Arc<HoldBook>,
     pub table: Arc<RouteTable>,
     pub metrics: Metrics,
     source_stats: Arc<SourceStats>,
@@ -164,9 +145,7 @@ impl Gateway {
         }
         tracing::info!(routes = table.len(), "sandbox_gateway config loaded");
         Ok(Gateway {
-            holds: HoldGate {
-                active: Arc::new(AtomicU64::new(0)),
-            },
+            holds: HoldBook::new(cfg.max_held_misses),
             cfg,
             table,
             metrics,
@@ -240,25 +219,5 @@ impl Drop for Gateway {
             }
         }
         self.stats_scheduler.take();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hold_gate_caps_and_releases() {
-        let gate = HoldGate {
-            active: Arc::new(AtomicU64::new(0)),
-        };
-        let permits: Vec<_> = (0..MAX_HOLDS)
-            .map(|_| gate.try_acquire().unwrap())
-            .collect();
-        assert!(gate.try_acquire().is_none());
-        assert_eq!(gate.active.load(Ordering::Relaxed), MAX_HOLDS);
-        drop(permits);
-        assert_eq!(gate.active.load(Ordering::Relaxed), 0);
-        assert!(gate.try_acquire().is_some());
     }
 }

@@ -8,11 +8,13 @@
 
 use crate::ffi::{Header, HeaderMap, HeadersStatus, HttpFilter, Stream};
 use crate::gateway::Gateway;
-use routing::activity::{now_ms, StreamThrottle};
+use routing::activity::{now_ms, StreamSlot, StreamThrottle};
 use routing::decide::{
-    decide, decide_after_hold, Decision, ErrorReply, FinalDecision, Forward, ReplyCode, SandboxId,
+    decide, decide_after_hold, open_stream, Decision, ErrorReply, FinalDecision, Forward,
+    HeaderChange, ReplyCode, SandboxId, FORWARDED_HOST_HEADER, FORWARDED_PREFIX_HEADER,
     ORIGINAL_DST_HEADER,
 };
+use routing::holds::ClientKey;
 use routing::key::KeyError;
 use routing::{RequestView, Route, TargetBuf};
 use std::cell::{Cell, OnceCell};
@@ -55,6 +57,9 @@ pub struct SandboxFilter {
     gw: &'static Gateway,
     /// The route this stream was sent to (set once); long streams mark it active as data flows.
     route: OnceCell<Arc<Route>>,
+    /// This stream's place in its sandbox's `max_streams_per_sandbox`, given back when Envoy
+    /// destroys the filter (the stream is over: answered, closed or reset).
+    slot: OnceCell<StreamSlot>,
     throttle: Cell<StreamThrottle>,
     /// Set while a miss hold is pending; taken by the scheduled event that ends it.
     hold_started: Cell<Option<Instant>>,
@@ -65,6 +70,7 @@ impl SandboxFilter {
         SandboxFilter {
             gw,
             route: OnceCell::new(),
+            slot: OnceCell::new(),
             throttle: Cell::new(StreamThrottle::new(0, Duration::ZERO)),
             hold_started: Cell::new(None),
         }
@@ -94,10 +100,16 @@ impl SandboxFilter {
 
     fn forward<S: Stream>(&self, s: &mut S, f: Forward) -> HeadersStatus {
         let gw = self.gw;
+        let slot = match open_stream(&gw.cfg, &f) {
+            Ok(slot) => slot,
+            Err(busy) => return self.send(s, &busy),
+        };
         let Forward {
             route,
             port,
             new_path,
+            forwarded_prefix,
+            host,
             strip_original_dst,
             strip_token,
         } = f;
@@ -107,6 +119,14 @@ impl SandboxFilter {
         if strip_token {
             // The token is for the gateway; a sandbox never sees it (nor one meant for another).
             s.remove_request_header(&gw.cfg.access_token_header);
+        }
+        apply(s, FORWARDED_PREFIX_HEADER, forwarded_prefix);
+        if let Some(h) = host {
+            // No route-cache clear for the Host: Envoy's route stays the one chosen on the
+            // client's Host (a loopback Host must not select another virtual host). After a path
+            // rewrite the cache is cleared anyway and the new match sees both.
+            s.set_request_header(":authority", h.authority.as_bytes());
+            apply(s, FORWARDED_HOST_HEADER, h.forwarded_host);
         }
         if let Some(p) = new_path {
             s.set_request_header(":path", &p);
@@ -128,26 +148,31 @@ impl SandboxFilter {
         // A stream is routed once; a second route (impossible: Continue ends the decision) is
         // ignored rather than replacing the one whose upstream Envoy already has.
         let _ = self.route.set(route);
+        let _ = self.slot.set(slot);
         s.increment_counter(gw.metrics.routed, None, 1);
         HeadersStatus::Continue
     }
 
     fn hold<S: Stream>(&self, s: &mut S, id: SandboxId) -> HeadersStatus {
         let gw = self.gw;
-        // Past the cap (a flood of unknown IDs), answer now as if the hold had expired.
-        let Some(permit) = gw.holds.try_acquire() else {
-            return self.after_hold(s);
-        };
         let Some(scheduler) = s.scheduler() else {
             return self.after_hold(s);
         };
+        // Always admitted; when the book is full the heaviest client's oldest hold gives way.
+        let client = s
+            .source_address()
+            .map_or(ClientKey::Unknown, ClientKey::from_source);
+        let (hold, displaced) = gw.holds.admit(client);
+        if displaced {
+            s.increment_counter(gw.metrics.miss_holds_displaced, None, 1);
+        }
         self.hold_started.set(Some(Instant::now()));
         let table = Arc::clone(&gw.table);
-        let hold = gw.cfg.miss_hold;
+        let wait = gw.cfg.miss_hold;
         // The task owns the scheduler: it makes the only commit, then frees it.
         gw.spawn(async move {
-            table.wait_for(&id, hold).await;
-            drop(permit);
+            hold.wait(&table, &id, wait).await;
+            drop(hold);
             crate::ffi::Commit::commit(&scheduler, EVENT_HOLD_DONE);
         });
         s.increment_counter(gw.metrics.miss_holds, None, 1);
@@ -168,12 +193,28 @@ impl SandboxFilter {
     }
 }
 
+/// One header change from `decide`; `Set` replaces every value the client sent.
+fn apply<S: Stream>(s: &mut S, name: &str, change: HeaderChange) {
+    match change {
+        HeaderChange::Unchanged => {}
+        HeaderChange::Remove => s.remove_request_header(name),
+        // If Envoy ever refused the value, the client's copies must still not pass as ours.
+        HeaderChange::Set(v) if !s.set_request_header(name, &v) => s.remove_request_header(name),
+        HeaderChange::Set(_) => {}
+    }
+}
+
 impl HttpFilter for SandboxFilter {
     fn on_request_headers<S: Stream>(&self, s: &mut S, _end_of_stream: bool) -> HeadersStatus {
         let gw = self.gw;
         let d = decide(&gw.cfg, &gw.table, &View(&s.request_headers()));
         match d {
             Decision::Reply(r) => self.send(s, &r),
+            Decision::Ready(r) => {
+                tracing::trace!(routes = r.routes, "readiness probe: ready");
+                crate::reply::send_ready(s, &r);
+                HeadersStatus::Replied
+            }
             Decision::Hold(id) => self.hold(s, id),
             Decision::Forward(f) => self.forward(s, f),
         }

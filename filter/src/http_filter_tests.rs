@@ -4,7 +4,8 @@
 
 use super::*;
 use crate::ffi::{Commit, ConfigEnvoy, MetricError, MetricId};
-use crate::gateway::{Gateway, MAX_HOLDS};
+use crate::gateway::Gateway;
+use routing::holds::ClientKey;
 use routing::RouteSpec;
 use std::sync::mpsc;
 
@@ -58,6 +59,8 @@ struct SentReply {
 struct FakeStream<'f> {
     headers: Vec<(String, Vec<u8>)>,
     accept_filter_state: bool,
+    /// Header names whose set Envoy refuses (returns false).
+    refuse_set: Vec<&'static str>,
     filter_state: Option<(String, String)>,
     scheduler: Option<mpsc::Sender<u64>>,
     replies: Vec<SentReply>,
@@ -66,6 +69,8 @@ struct FakeStream<'f> {
     counters: Vec<(MetricId, Option<String>)>,
     /// Envoy runs the response path inside `send_response`: replay that re-entry.
     reenter: Option<&'f SandboxFilter>,
+    /// `source.address`.
+    source: Option<Vec<u8>>,
 }
 
 impl<'f> FakeStream<'f> {
@@ -76,6 +81,7 @@ impl<'f> FakeStream<'f> {
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
             accept_filter_state: true,
+            refuse_set: Vec::new(),
             filter_state: None,
             scheduler: None,
             replies: Vec::new(),
@@ -83,7 +89,17 @@ impl<'f> FakeStream<'f> {
             continued: 0,
             counters: Vec::new(),
             reenter: None,
+            source: Some(b"10.1.1.1:40000".to_vec()),
         }
+    }
+
+    /// Every value of request header `name`, in order.
+    fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| std::str::from_utf8(v).unwrap())
+            .collect()
     }
 
     fn only_reply(&self) -> &SentReply {
@@ -116,6 +132,10 @@ impl Stream for FakeStream<'_> {
         FakeHeaders(&self.headers)
     }
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> bool {
+        if self.refuse_set.contains(&name) {
+            return false;
+        }
+        // Envoy's set replaces every value of the name.
         self.headers.retain(|(k, _)| k != name);
         self.headers.push((name.into(), value.to_vec()));
         true
@@ -123,6 +143,9 @@ impl Stream for FakeStream<'_> {
     fn remove_request_header(&mut self, name: &str) {
         self.headers.retain(|(k, _)| k != name);
         self.removed.push(name.into());
+    }
+    fn source_address(&self) -> Option<&[u8]> {
+        self.source.as_deref()
     }
     fn send_response(
         &mut self,
@@ -173,6 +196,11 @@ impl Stream for FakeStream<'_> {
 
 /// A gateway on a routes file with sandbox `a` (ready, 10.0.0.1:8080) and `n` (not ready).
 fn gateway(miss_hold_ms: u64) -> &'static Gateway {
+    gateway_with(miss_hold_ms, serde_json::json!({}))
+}
+
+/// [`gateway`] with config fields `extra` merged in.
+fn gateway_with(miss_hold_ms: u64, extra: serde_json::Value) -> &'static Gateway {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.json");
     std::fs::write(
@@ -181,10 +209,13 @@ fn gateway(miss_hold_ms: u64) -> &'static Gateway {
                           {"id": "n", "ip": "10.0.0.2", "port": 8080, "ready": false}]}"#,
     )
     .unwrap();
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "route_source": {"type": "file", "path": routes, "poll_interval_ms": 60000},
         "miss_hold_ms": miss_hold_ms,
     });
+    for (k, v) in extra.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
     let fake = FakeConfig { next: Cell::new(0) };
     let gw = Gateway::new(&fake, cfg.to_string().as_bytes()).unwrap();
     // The file is read at load; the directory may go.
@@ -217,6 +248,73 @@ fn routes_a_known_sandbox_and_strips_what_the_client_may_not_send() {
 }
 
 #[test]
+fn strip_mode_sets_our_prefix_over_the_clients() {
+    let gw = gateway_with(0, serde_json::json!({"path_prefix": "/sandboxes"}));
+    let f = SandboxFilter::new(gw);
+    let mut s = FakeStream::new(&[
+        (":path", "/sandboxes/a/8080/api/kernels?x=1"),
+        (":authority", "gw.test"),
+        (FORWARDED_PREFIX_HEADER, "/evil"),
+        (FORWARDED_PREFIX_HEADER, "/evil2"),
+    ]);
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+    assert_eq!(s.values(":path"), ["/api/kernels?x=1"]);
+    assert_eq!(s.values(FORWARDED_PREFIX_HEADER), ["/sandboxes/a/8080"]);
+    // The Host is the client's by default.
+    assert_eq!(s.values(":authority"), ["gw.test"]);
+    assert!(s.values(FORWARDED_HOST_HEADER).is_empty());
+    // Routed another way, a client's prefix is removed, not forwarded.
+    let mut s = FakeStream::new(&[("x-sandbox-id", "a"), (FORWARDED_PREFIX_HEADER, "/evil")]);
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+    assert!(s.values(FORWARDED_PREFIX_HEADER).is_empty());
+    assert_eq!(s.removed, [FORWARDED_PREFIX_HEADER]);
+}
+
+#[test]
+fn keep_mode_leaves_the_path_alone() {
+    let gw = gateway_with(
+        0,
+        serde_json::json!({"path_prefix": "/sandboxes", "path_prefix_mode": "keep"}),
+    );
+    let f = SandboxFilter::new(gw);
+    let mut s = FakeStream::new(&[
+        (":path", "/sandboxes/a/9000/lab?x"),
+        (FORWARDED_PREFIX_HEADER, "/evil"),
+    ]);
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+    assert_eq!(s.values(":path"), ["/sandboxes/a/9000/lab?x"]);
+    assert!(s.values(FORWARDED_PREFIX_HEADER).is_empty());
+    assert_eq!(s.filter_state.unwrap().1, "10.0.0.1:9000");
+}
+
+#[test]
+fn localhost_host_mode_rewrites_the_authority() {
+    let gw = gateway_with(
+        0,
+        serde_json::json!({"host_domains": ["sb.test"], "upstream_host": "localhost"}),
+    );
+    let f = SandboxFilter::new(gw);
+    let mut s = FakeStream::new(&[
+        (":authority", "3000-a.sb.test"),
+        (FORWARDED_HOST_HEADER, "evil.example"),
+    ]);
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+    assert_eq!(s.values(":authority"), ["localhost:3000"]);
+    assert_eq!(s.values(FORWARDED_HOST_HEADER), ["3000-a.sb.test"]);
+    assert_eq!(s.filter_state.unwrap().1, "10.0.0.1:3000");
+    // Should Envoy refuse our value, the client's is removed rather than left to pass as ours.
+    let mut s = FakeStream::new(&[
+        ("x-sandbox-id", "a"),
+        (":authority", "gw.test"),
+        (FORWARDED_HOST_HEADER, "evil.example"),
+    ]);
+    s.refuse_set = vec![FORWARDED_HOST_HEADER];
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+    assert_eq!(s.values(":authority"), ["localhost:8080"]);
+    assert!(s.values(FORWARDED_HOST_HEADER).is_empty());
+}
+
+#[test]
 fn a_rejected_upstream_address_is_routing_failed() {
     let f = SandboxFilter::new(gateway(0));
     let mut s = FakeStream::new(&[("x-sandbox-id", "a")]);
@@ -239,6 +337,35 @@ fn not_ready_gets_retry_after() {
 }
 
 #[test]
+fn a_sandbox_at_its_stream_bound_gets_429_until_a_stream_ends() {
+    let gw = gateway_with(0, serde_json::json!({"max_streams_per_sandbox": 2}));
+    let open: Vec<_> = (0..2)
+        .map(|_| {
+            let f = SandboxFilter::new(gw);
+            let mut s = FakeStream::new(&[("x-sandbox-id", "a")]);
+            assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+            f
+        })
+        .collect();
+    let busy = SandboxFilter::new(gw);
+    let mut s = FakeStream::new(&[("x-sandbox-id", "a")]);
+    assert_eq!(
+        busy.on_request_headers(&mut s, true),
+        HeadersStatus::Replied
+    );
+    let r = s.only_reply();
+    assert_eq!((r.status, code(r)), (429, "sandbox_busy"));
+    assert!(r.retry_after.is_some());
+    assert!(s.filter_state.is_none(), "a refused stream is not routed");
+    // Envoy destroys a finished stream's filter: its place is given back.
+    drop(open);
+    drop(busy);
+    let f = SandboxFilter::new(gw);
+    let mut s = FakeStream::new(&[("x-sandbox-id", "a")]);
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Continue);
+}
+
+#[test]
 fn a_miss_without_a_scheduler_is_answered_at_once() {
     let f = SandboxFilter::new(gateway(10_000));
     // `scheduler: None`: Envoy could not make one; the request must not hang.
@@ -249,21 +376,24 @@ fn a_miss_without_a_scheduler_is_answered_at_once() {
 }
 
 #[test]
-fn a_full_hold_cap_answers_at_once_and_frees_nothing_it_did_not_take() {
-    let gw = gateway(10_000);
-    let taken: Vec<_> = (0..MAX_HOLDS)
-        .map(|_| gw.holds.try_acquire().unwrap())
-        .collect();
+fn a_full_hold_book_makes_the_flooding_client_give_way() {
+    let gw = gateway_with(30_000, serde_json::json!({"max_held_misses": 3}));
+    let flood = ClientKey::from_source(b"10.9.9.9:1");
+    let junk: Vec<_> = (0..3).map(|_| gw.holds.admit(flood).0).collect();
     let f = SandboxFilter::new(gw);
-    let (tx, rx) = mpsc::channel();
-    let mut s = FakeStream::new(&[("x-sandbox-id", "nope")]);
+    let (tx, _rx) = mpsc::channel();
+    let mut s = FakeStream::new(&[("x-sandbox-id", "claimed-just-now")]);
     s.scheduler = Some(tx);
-    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Replied);
-    assert_eq!(code(s.only_reply()), "sandbox_not_found");
-    assert!(rx.try_recv().is_err(), "no hold was started");
-    assert!(gw.holds.try_acquire().is_none(), "the cap is still full");
-    drop(taken);
-    assert!(gw.holds.try_acquire().is_some());
+    // Held, not answered: the flood's oldest hold gave its place (and that was counted).
+    assert_eq!(f.on_request_headers(&mut s, true), HeadersStatus::Stop);
+    assert!(s.replies.is_empty());
+    assert_eq!(gw.holds.held_by(flood), 2);
+    assert_eq!(gw.holds.held_by(ClientKey::from_source(b"10.1.1.1:0")), 1);
+    assert!(s
+        .counters
+        .iter()
+        .any(|(id, _)| *id == gw.metrics.miss_holds_displaced));
+    drop(junk);
 }
 
 #[test]

@@ -5,8 +5,7 @@
 //! live in the tracker, outside the route, so a route update (new IP, readiness flip) keeps the
 //! sandbox's history.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,10 +24,23 @@ pub fn now_ms() -> u64 {
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
 }
 
-/// One sandbox's last-active time (Unix ms; 0 = never seen).
+/// One sandbox's last-active time (Unix ms; 0 = never seen) and its streams open through this
+/// process (the per-sandbox bound; also "someone is connected right now").
 #[derive(Debug, Default)]
 pub struct ActivityCell {
     last_ms: AtomicU64,
+    open_streams: AtomicU32,
+}
+
+/// One of a sandbox's open streams, counted until dropped (with the request's filter in the
+/// module, with the ext_proc stream in sandbox-extproc).
+#[derive(Debug)]
+pub struct StreamSlot(Arc<ActivityCell>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ActivityCell {
@@ -44,13 +56,29 @@ impl ActivityCell {
     pub fn last_ms(&self) -> u64 {
         self.last_ms.load(Ordering::Relaxed)
     }
+
+    /// Counts one more open stream unless `limit` are open already. One atomic add either way:
+    /// a refused stream undoes its add, so the count can pass `limit` only for that instant and
+    /// never lets a stream in past it.
+    #[inline]
+    pub fn try_open(self: &Arc<Self>, limit: u32) -> Option<StreamSlot> {
+        let slot = StreamSlot(Arc::clone(self));
+        let before = self.open_streams.fetch_add(1, Ordering::AcqRel);
+        // Dropping the slot undoes the add.
+        (before < limit).then_some(slot)
+    }
+
+    pub fn open_streams(&self) -> u32 {
+        self.open_streams.load(Ordering::Acquire)
+    }
 }
 
 /// All cells, by sandbox ID. Locked only when a route is added or removed and when a snapshot is
-/// taken, never on the request path.
+/// taken, never on the request path. Hashed with ahash like the route table: a first list of
+/// 100k pods adds 100k routes at once.
 #[derive(Debug, Default)]
 pub struct ActivityTracker {
-    cells: Mutex<HashMap<Arc<str>, Arc<ActivityCell>>>,
+    cells: Mutex<std::collections::HashMap<Arc<str>, Arc<ActivityCell>, ahash::RandomState>>,
 }
 
 impl ActivityTracker {

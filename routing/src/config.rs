@@ -47,10 +47,38 @@ pub struct KubeSourceConfig {
     pub default_port: u16,
 }
 
+/// What the upstream sees of a path-prefix key (`"path_prefix_mode"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathPrefixMode {
+    /// `<prefix>/<id>/<port>/rest` goes upstream as `/rest`, and `x-forwarded-prefix` says what
+    /// was removed (servers that build URLs prepend it).
+    #[default]
+    Strip,
+    /// The path goes upstream as received, for servers configured with the prefix as their base
+    /// URL (e.g. Jupyter's `base_url`, an app mounted under it). No `x-forwarded-prefix`: by
+    /// convention it names a prefix that was removed, and a server honouring it would double it.
+    Keep,
+}
+
+/// The Host (`:authority`) a routed request goes upstream with (`"upstream_host"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamHost {
+    /// The client's Host, unchanged.
+    #[default]
+    Keep,
+    /// `localhost:<port>` (the port the request is routed to), with the client's Host in
+    /// `x-forwarded-host`: for servers that accept only a loopback Host (DNS-rebinding checks).
+    Localhost,
+}
+
 /// The whole, validated gateway configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
     pub keys: KeyConfig,
+    pub path_prefix_mode: PathPrefixMode,
+    pub upstream_host: UpstreamHost,
     pub routes: RouteSourceConfig,
     pub miss_hold: Duration,
     pub retry_after_secs: u32,
@@ -58,6 +86,11 @@ pub struct GatewayConfig {
     pub activity_stream_throttle: Duration,
     /// Push activity to sandbox-extproc's ActivityService (module only; None = no reporting).
     pub activity_report: Option<ActivityReportConfig>,
+    /// Streams one sandbox may have open through this gateway process at once; past it a new
+    /// request gets 429 `sandbox_busy` (docs/design.md#limits).
+    pub max_streams_per_sandbox: u32,
+    /// Requests held on a miss at once, all clients together (docs/design.md#limits).
+    pub max_held_misses: usize,
 }
 
 /// Where and how often the module reports activity (`"activity_report"`).
@@ -79,6 +112,11 @@ struct RawConfig {
     host_domains: Vec<String>,
     #[serde(default)]
     path_prefix: Option<String>,
+    /// Absent: strip. Given without `path_prefix`: an error (it would do nothing).
+    #[serde(default)]
+    path_prefix_mode: Option<PathPrefixMode>,
+    #[serde(default)]
+    upstream_host: UpstreamHost,
     route_source: RawRouteSource,
     #[serde(default = "default_miss_hold_ms")]
     miss_hold_ms: u64,
@@ -91,6 +129,10 @@ struct RawConfig {
     activity_stream_throttle_ms: u64,
     #[serde(default)]
     activity_report: Option<RawActivityReport>,
+    #[serde(default = "default_max_streams_per_sandbox")]
+    max_streams_per_sandbox: u32,
+    #[serde(default = "default_max_held_misses")]
+    max_held_misses: usize,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +240,17 @@ fn default_activity_throttle_ms() -> u64 {
 fn default_poll_ms() -> u64 {
     200
 }
+/// 1,000 open streams (WebSockets, SSE, requests in flight) per sandbox and gateway replica:
+/// far above what one sandbox's users open (a Jupyter tab holds a few), and low enough that one
+/// hung or flooded sandbox takes at most 2% of the 50,000 connections a replica is sized for.
+fn default_max_streams_per_sandbox() -> u32 {
+    1000
+}
+/// 10,000 held misses: a held request costs a task and a timer (~1 KiB) besides the stream
+/// Envoy keeps anyway.
+fn default_max_held_misses() -> usize {
+    10_000
+}
 
 /// Upper bounds that keep a typo from turning into an hour-long hold.
 const MAX_MISS_HOLD_MS: u64 = 30_000;
@@ -242,6 +295,12 @@ impl GatewayConfig {
         if let Some(p) = &raw.path_prefix {
             check_path_prefix(p)?;
         }
+        if raw.path_prefix_mode.is_some() && raw.path_prefix.is_none() {
+            return Err(field_err(
+                "path_prefix_mode",
+                "has no effect without path_prefix",
+            ));
+        }
         // An explicit `access_token_header` always wins over the preset's.
         let access_token_header = raw
             .access_token_header
@@ -261,6 +320,15 @@ impl GatewayConfig {
                 "activity_stream_throttle_ms",
                 "must be from 1 to 60000",
             ));
+        }
+        if raw.max_streams_per_sandbox == 0 || raw.max_streams_per_sandbox > 1_000_000 {
+            return Err(field_err(
+                "max_streams_per_sandbox",
+                "must be from 1 to 1000000",
+            ));
+        }
+        if raw.max_held_misses == 0 || raw.max_held_misses > 1_000_000 {
+            return Err(field_err("max_held_misses", "must be from 1 to 1000000"));
         }
         let routes = match raw.route_source {
             RawRouteSource::File {
@@ -321,12 +389,16 @@ impl GatewayConfig {
                 host_domains: raw.host_domains,
                 path_prefix: raw.path_prefix,
             },
+            path_prefix_mode: raw.path_prefix_mode.unwrap_or_default(),
+            upstream_host: raw.upstream_host,
             routes,
             miss_hold: Duration::from_millis(raw.miss_hold_ms),
             retry_after_secs: raw.retry_after_s,
             access_token_header,
             activity_stream_throttle: Duration::from_millis(raw.activity_stream_throttle_ms),
             activity_report: activity_report(raw.activity_report)?,
+            max_streams_per_sandbox: raw.max_streams_per_sandbox,
+            max_held_misses: raw.max_held_misses,
         })
     }
 }
@@ -403,6 +475,9 @@ mod tests {
         assert_eq!(c.retry_after_secs, 1);
         assert_eq!(c.access_token_header, "x-access-token");
         assert_eq!(c.activity_report, None);
+        // Today's forwarding: the prefix stripped, the client's Host kept.
+        assert_eq!(c.path_prefix_mode, PathPrefixMode::Strip);
+        assert_eq!(c.upstream_host, UpstreamHost::Keep);
         let r = parse(
             r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "http://127.0.0.1:18090"}}"#,
         )
@@ -462,6 +537,19 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_options() {
+        let base = r#""route_source": {"type": "file", "path": "/r"}, "path_prefix": "/s""#;
+        let c = parse(&format!(r#"{{"path_prefix_mode": "keep", {base}}}"#)).unwrap();
+        assert_eq!(c.path_prefix_mode, PathPrefixMode::Keep);
+        let c = parse(&format!(r#"{{"path_prefix_mode": "strip", {base}}}"#)).unwrap();
+        assert_eq!(c.path_prefix_mode, PathPrefixMode::Strip);
+        let c = parse(&format!(r#"{{"upstream_host": "localhost", {base}}}"#)).unwrap();
+        assert_eq!(c.upstream_host, UpstreamHost::Localhost);
+        let c = parse(&format!(r#"{{"upstream_host": "keep", {base}}}"#)).unwrap();
+        assert_eq!(c.upstream_host, UpstreamHost::Keep);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (
@@ -492,6 +580,18 @@ mod tests {
             (
                 r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": "nope"}"#,
                 "header_keys",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix": "/s", "path_prefix_mode": "drop"}"#,
+                "path_prefix_mode",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix_mode": "keep"}"#,
+                "path_prefix_mode",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "upstream_host": "127.0.0.1"}"#,
+                "upstream_host",
             ),
             (
                 r#"{"route_source": {"type": "file", "path": "/r"}, "header_keys": {"id": "X-Id", "port": "p"}}"#,

@@ -1,11 +1,14 @@
 //! The request-path decision (docs/design.md#request-path-rules), shared by the Envoy module and
 //! sandbox-extproc so both answer every request the same way: key → route → ready → token.
+//! One request that names no sandbox is the gateway's own: its readiness probe,
+//! `GET` [`READY_PATH`] (docs/design.md#readiness).
 //!
 //! Pure and read-only: it looks at one view of the request headers and the route table and says
 //! what to do; the caller applies it with whatever its host offers (module ABI calls, ext_proc
 //! header mutations and immediate responses).
 
-use crate::config::GatewayConfig;
+use crate::activity::StreamSlot;
+use crate::config::{GatewayConfig, PathPrefixMode, UpstreamHost};
 use crate::key::{extract, RequestView, SandboxKey, MAX_ID_LEN};
 pub use crate::reply::ReplyCode;
 use crate::table::{Route, RouteTable};
@@ -17,14 +20,33 @@ use std::sync::Arc;
 /// both modes drop it anyway so no later hop can be steered by a client-sent value.
 pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
 
+/// Tells the upstream the prefix the gateway removed from the path (strip mode). Ours alone: a
+/// client-sent value is removed from every routed request.
+pub const FORWARDED_PREFIX_HEADER: &str = "x-forwarded-prefix";
+
+/// The client's Host, when `upstream_host` replaced it. Ours alone in that mode: a client-sent
+/// value is overwritten.
+pub const FORWARDED_HOST_HEADER: &str = "x-forwarded-host";
+
 /// A validated sandbox ID, on the stack.
 pub type SandboxId = ArrayString<MAX_ID_LEN>;
+
+/// `localhost:<port>`, on the stack (15 bytes at most).
+pub type AuthorityBuf = ArrayString<15>;
+/// The gateway's readiness path, answered by the gateway itself (`GET` or `HEAD`, any query) when
+/// the request names no sandbox: wherever a request would otherwise get 400
+/// `missing_sandbox_id`, so no path that reaches a sandbox is ever taken over. Under
+/// `/.well-known/` (RFC 8615), where no sandbox's own API lives.
+pub const READY_PATH: &str = "/.well-known/sandbox-gateway/ready";
 
 /// What to do with a request, decided before anything is changed.
 #[derive(Debug)]
 pub enum Decision {
     /// Answer locally with the JSON error body ([`ErrorReply::body`]).
     Reply(ErrorReply),
+    /// A readiness probe once the route source has synced: answer 200 with [`Ready::body`].
+    /// (Before that, the probe gets `Reply` 503 `routes_not_synced` with `Retry-After`.)
+    Ready(Ready),
     /// No route yet: wait up to `miss_hold` for it, then call [`decide_after_hold`].
     Hold(SandboxId),
     /// Send the request to `route` (on `port`, or the route's default port).
@@ -69,6 +91,18 @@ impl ErrorReply {
         self.code.status()
     }
 
+    /// What a gRPC client reads as `grpc-message`: `<code>: <message>`, and the sandbox.
+    pub fn grpc_message(&self) -> String {
+        match &self.id {
+            Some(id) => format!(
+                "{}: {} (sandbox {id})",
+                self.code.code(),
+                self.code.message()
+            ),
+            None => format!("{}: {}", self.code.code(), self.code.message()),
+        }
+    }
+
     /// The reply body: `{"error": "<code>", "message": "...", "sandbox_id": "..."}`.
     pub fn body(&self) -> String {
         let mut v = serde_json::json!({"error": self.code.code(), "message": self.code.message()});
@@ -79,17 +113,71 @@ impl ErrorReply {
     }
 }
 
+/// Takes one of the routed sandbox's stream slots (held for the stream's life), or the 429
+/// `sandbox_busy` reply when `max_streams_per_sandbox` of them are open. Separate from
+/// [`decide`], which changes nothing.
+pub fn open_stream(cfg: &GatewayConfig, f: &Forward) -> Result<StreamSlot, ErrorReply> {
+    f.route
+        .activity
+        .try_open(cfg.max_streams_per_sandbox)
+        .ok_or_else(|| {
+            // Table keys are validated IDs, so this always fits.
+            let id = SandboxId::from(f.route.spec.id.as_str()).unwrap_or_default();
+            ErrorReply::about(ReplyCode::SandboxBusy, id, cfg)
+        })
+}
+
+/// The readiness probe's answer once the routes are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Routes in the table (known sandboxes, ready or not).
+    pub routes: u64,
+}
+
+impl Ready {
+    pub const STATUS: u32 = 200;
+
+    /// `{"ready": true, "routes": N}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({"ready": true, "routes": self.routes}).to_string()
+    }
+}
+
 /// A routed request and the changes to make to it before it goes upstream.
 #[derive(Debug)]
 pub struct Forward {
     pub route: Arc<Route>,
     pub port: Option<u16>,
-    /// New `:path` (path-prefix keys: the prefix removed).
+    /// New `:path` (path-prefix keys in strip mode: the prefix removed).
     pub new_path: Option<Vec<u8>>,
+    /// [`FORWARDED_PREFIX_HEADER`]: the removed prefix, or a client's value removed.
+    pub forwarded_prefix: HeaderChange,
+    /// `upstream_host: "localhost"`: the Host the upstream gets instead of the client's.
+    pub host: Option<HostRewrite>,
     /// The client sent [`ORIGINAL_DST_HEADER`]: remove it.
     pub strip_original_dst: bool,
     /// The client sent the access-token header: remove it (a sandbox never sees a token).
     pub strip_token: bool,
+}
+
+/// What to do with one request header before forwarding. `Set` replaces every value the client
+/// sent; `Unchanged` means the client sent none and there is nothing to set, so the hot path
+/// makes no call for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderChange {
+    Unchanged,
+    Remove,
+    Set(Vec<u8>),
+}
+
+/// The upstream's Host and what becomes of the client's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRewrite {
+    /// The new `:authority` (HTTP/1 `Host`): `localhost:<port>`.
+    pub authority: AuthorityBuf,
+    /// [`FORWARDED_HOST_HEADER`]: the client's authority (or a client's value removed when the
+    /// request had none).
+    pub forwarded_host: HeaderChange,
 }
 
 /// The first look at a request: a miss is held when `miss_hold` is not zero.
@@ -99,14 +187,40 @@ pub fn decide<R: RequestView + ?Sized>(cfg: &GatewayConfig, table: &RouteTable, 
             FinalDecision::Reply(r) => Decision::Reply(r),
             FinalDecision::Forward(f) => Decision::Forward(f),
         },
+        Err(Early::Reply(r)) if r.code == ReplyCode::MissingSandboxId && is_ready_probe(h) => {
+            readiness(cfg, table)
+        }
         Err(Early::Reply(r)) => Decision::Reply(r),
         Err(Early::Miss(id)) if !cfg.miss_hold.is_zero() => Decision::Hold(id),
         Err(Early::Miss(id)) => Decision::Reply(miss(cfg, table, id)),
     }
 }
 
+/// `GET`/`HEAD` [`READY_PATH`], with or without a query.
+fn is_ready_probe<R: RequestView + ?Sized>(h: &R) -> bool {
+    let method = matches!(h.header(":method"), Ok(Some(b"GET" | b"HEAD")));
+    let path = h.path().and_then(|p| p.strip_prefix(READY_PATH.as_bytes()));
+    method && matches!(path, Some([] | [b'?', ..]))
+}
+
+/// Ready once the route source has loaded its first full view: before that a replica can only
+/// answer `routes_not_synced`, so it must not get traffic.
+fn readiness(cfg: &GatewayConfig, table: &RouteTable) -> Decision {
+    if table.is_synced() {
+        Decision::Ready(Ready {
+            routes: table.len(),
+        })
+    } else {
+        Decision::Reply(ErrorReply {
+            retry_after_secs: Some(cfg.retry_after_secs),
+            ..ErrorReply::new(ReplyCode::RoutesNotSynced)
+        })
+    }
+}
+
 /// The second look, once a hold has ended (the route arrived, the hold expired, or no hold could
-/// be started): there is no second hold.
+/// be started): there is no second hold. Only ever asked about a request `decide` held, which
+/// named a sandbox, so it never meets a readiness probe.
 pub fn decide_after_hold<R: RequestView + ?Sized>(
     cfg: &GatewayConfig,
     table: &RouteTable,
@@ -176,13 +290,50 @@ fn admit<R: RequestView + ?Sized>(cfg: &GatewayConfig, h: &R, found: Found<'_>) 
             return FinalDecision::Reply(ErrorReply::about(code, id, cfg));
         }
     }
+    let (new_path, forwarded_prefix) = match key.rewritten_path {
+        Some(rw) if cfg.path_prefix_mode == PathPrefixMode::Strip => {
+            (Some(rw.to_path()), HeaderChange::Set(rw.prefix.to_vec()))
+        }
+        // Keep mode, or not a path key: the upstream must not believe a client's prefix.
+        _ => (None, remove_if_sent(h, FORWARDED_PREFIX_HEADER)),
+    };
+    let host = match cfg.upstream_host {
+        UpstreamHost::Keep => None,
+        UpstreamHost::Localhost => Some(HostRewrite {
+            authority: localhost(key.port.unwrap_or(route.spec.port)),
+            forwarded_host: match h.authority() {
+                Some(a) if !a.is_empty() => HeaderChange::Set(a.to_vec()),
+                // Nothing to forward (no or an empty Host): a client's value must not pass.
+                _ => remove_if_sent(h, FORWARDED_HOST_HEADER),
+            },
+        }),
+    };
     FinalDecision::Forward(Forward {
         port: key.port,
-        new_path: key.rewritten_path.map(|p| p.to_path()),
+        new_path,
+        forwarded_prefix,
+        host,
         strip_original_dst: !matches!(h.header(ORIGINAL_DST_HEADER), Ok(None)),
         strip_token: !matches!(token, Ok(None)),
         route,
     })
+}
+
+/// `Remove` when the client sent `name` (once or more), else `Unchanged`.
+fn remove_if_sent<R: RequestView + ?Sized>(h: &R, name: &str) -> HeaderChange {
+    if matches!(h.header(name), Ok(None)) {
+        HeaderChange::Unchanged
+    } else {
+        HeaderChange::Remove
+    }
+}
+
+fn localhost(port: u16) -> AuthorityBuf {
+    use std::fmt::Write;
+    let mut a = AuthorityBuf::new();
+    // Cannot fail: "localhost:65535" is 15 bytes, the buffer's size.
+    let _ = write!(a, "localhost:{port}");
+    a
 }
 
 #[cfg(test)]
@@ -203,10 +354,10 @@ mod tests {
             }
         }
         fn authority(&self) -> Option<&[u8]> {
-            None
+            self.header(":authority").ok().flatten()
         }
         fn path(&self) -> Option<&[u8]> {
-            None
+            self.header(":path").ok().flatten()
         }
     }
 
@@ -219,10 +370,17 @@ mod tests {
     }
 
     fn setup() -> (GatewayConfig, RouteTable) {
-        let cfg = GatewayConfig::from_json(
-            br#"{"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 5}"#,
-        )
-        .unwrap();
+        setup_with(serde_json::json!({}))
+    }
+
+    /// The test table, with config fields `extra` merged over the base config.
+    fn setup_with(extra: serde_json::Value) -> (GatewayConfig, RouteTable) {
+        let mut json = serde_json::json!(
+            {"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 5});
+        for (k, v) in extra.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        let cfg = GatewayConfig::from_json(json.to_string().as_bytes()).unwrap();
         let t = RouteTable::new();
         let spec = |id: &str, ready, tok: Option<[u8; 32]>| RouteSpec {
             id: id.into(),
@@ -310,6 +468,184 @@ mod tests {
         assert!(f.strip_original_dst && !f.strip_token);
     }
 
+    fn prefixed(extra: serde_json::Value) -> (GatewayConfig, RouteTable) {
+        let mut json =
+            serde_json::json!({"path_prefix": "/sandboxes", "host_domains": ["sb.test"]});
+        for (k, v) in extra.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        setup_with(json)
+    }
+
+    #[test]
+    fn strip_mode_forwards_the_rest_and_names_the_prefix() {
+        let (cfg, t) = prefixed(serde_json::json!({}));
+        let f = forward(decide(
+            &cfg,
+            &t,
+            &req(&[(":path", "/sandboxes/a/8080/x/y?q=1")]),
+        ));
+        assert_eq!(f.new_path.as_deref(), Some(&b"/x/y?q=1"[..]));
+        assert_eq!(
+            f.forwarded_prefix,
+            HeaderChange::Set(b"/sandboxes/a/8080".to_vec())
+        );
+        assert_eq!(f.host, None, "the Host is kept by default");
+        // A client's own x-forwarded-prefix is replaced by ours...
+        let spoof = [
+            (":path", "/sandboxes/a/8080/"),
+            (FORWARDED_PREFIX_HEADER, "/evil"),
+        ];
+        let f = forward(decide(&cfg, &t, &req(&spoof)));
+        assert_eq!(
+            f.forwarded_prefix,
+            HeaderChange::Set(b"/sandboxes/a/8080".to_vec())
+        );
+        // ...and removed from requests routed any other way, however many copies were sent.
+        let spoof = [
+            ("x-sandbox-id", "a"),
+            (FORWARDED_PREFIX_HEADER, "/evil"),
+            (FORWARDED_PREFIX_HEADER, "/evil2"),
+        ];
+        let f = forward(decide(&cfg, &t, &req(&spoof)));
+        assert_eq!(
+            (f.new_path, f.forwarded_prefix),
+            (None, HeaderChange::Remove)
+        );
+        // Nothing sent, nothing to do: no header call on the common path.
+        let f = forward(decide(&cfg, &t, &req(&[("x-sandbox-id", "a")])));
+        assert_eq!(f.forwarded_prefix, HeaderChange::Unchanged);
+    }
+
+    #[test]
+    fn keep_mode_forwards_the_path_as_received() {
+        let (cfg, t) = prefixed(serde_json::json!({"path_prefix_mode": "keep"}));
+        let f = forward(decide(
+            &cfg,
+            &t,
+            &req(&[(":path", "/sandboxes/a/8080/x?q")]),
+        ));
+        assert_eq!(f.port, Some(8080));
+        assert_eq!(
+            (f.new_path, f.forwarded_prefix),
+            (None, HeaderChange::Unchanged)
+        );
+        let spoof = [
+            (":path", "/sandboxes/a/8080/x"),
+            (FORWARDED_PREFIX_HEADER, "/evil"),
+        ];
+        let f = forward(decide(&cfg, &t, &req(&spoof)));
+        assert_eq!(f.forwarded_prefix, HeaderChange::Remove);
+    }
+
+    #[test]
+    fn localhost_host_uses_the_routed_port_and_forwards_the_clients() {
+        let (cfg, t) = prefixed(serde_json::json!({"upstream_host": "localhost"}));
+        let host = |h: &[(&'static str, &'static str)]| {
+            forward(decide(&cfg, &t, &req(h)))
+                .host
+                .expect("host rewritten")
+        };
+        // Host key with a port: that port.
+        let h = host(&[
+            (":authority", "3000-a.sb.test"),
+            (FORWARDED_HOST_HEADER, "evil"),
+        ]);
+        assert_eq!(h.authority.as_str(), "localhost:3000");
+        assert_eq!(
+            h.forwarded_host,
+            HeaderChange::Set(b"3000-a.sb.test".to_vec())
+        );
+        // No port in the key: the route's own (80 in the test table).
+        let h = host(&[(":authority", "gw.example:8443"), ("x-sandbox-id", "a")]);
+        assert_eq!(h.authority.as_str(), "localhost:80");
+        assert_eq!(
+            h.forwarded_host,
+            HeaderChange::Set(b"gw.example:8443".to_vec())
+        );
+        let h = host(&[(":path", "/sandboxes/a/65535/")]);
+        assert_eq!(h.authority.as_str(), "localhost:65535");
+        assert_eq!(h.forwarded_host, HeaderChange::Unchanged);
+        // No authority to forward: a client's x-forwarded-host must not pass as ours.
+        let h = host(&[("x-sandbox-id", "a"), (FORWARDED_HOST_HEADER, "evil")]);
+        assert_eq!(h.forwarded_host, HeaderChange::Remove);
+    }
+
+    #[test]
+    fn the_ready_path_is_answered_only_where_no_sandbox_is_named() {
+        let (_, t) = setup();
+        let cfg = GatewayConfig::from_json(
+            br#"{"route_source": {"type": "file", "path": "/r"}, "retry_after_s": 5,
+                 "host_domains": ["sb.test"], "path_prefix": "/sandboxes"}"#,
+        )
+        .unwrap();
+        let probe = |method: &'static str, path: &'static str| {
+            req(&[
+                (":method", method),
+                (":path", path),
+                (":authority", "10.0.0.9:8080"),
+            ])
+        };
+        // Not synced: not ready, and says why (no sandbox named, so no sandbox_id).
+        let r = reply(decide(&cfg, &t, &probe("GET", READY_PATH)));
+        assert_eq!((r.status(), r.code), (503, ReplyCode::RoutesNotSynced));
+        assert_eq!((r.id, r.retry_after_secs), (None, Some(5)));
+        t.mark_synced();
+        let ready = |d: Decision| match d {
+            Decision::Ready(r) => r,
+            other => panic!("want ready, got {other:?}"),
+        };
+        let r = ready(decide(&cfg, &t, &probe("GET", READY_PATH)));
+        assert_eq!(r, Ready { routes: 3 });
+        let v: serde_json::Value = serde_json::from_str(&r.body()).unwrap();
+        assert_eq!(v, serde_json::json!({"ready": true, "routes": 3}));
+        ready(decide(&cfg, &t, &probe("HEAD", READY_PATH)));
+        ready(decide(
+            &cfg,
+            &t,
+            &probe("GET", "/.well-known/sandbox-gateway/ready?probe=kubelet"),
+        ));
+        // Anything else that names no sandbox is still a 400.
+        for (method, path) in [
+            ("POST", READY_PATH),
+            ("GET", "/.well-known/sandbox-gateway/ready/"),
+            ("GET", "/.well-known/sandbox-gateway/readyz"),
+            ("GET", "/.well-known/sandbox-gateway"),
+        ] {
+            let r = reply(decide(&cfg, &t, &probe(method, path)));
+            assert_eq!(r.code, ReplyCode::MissingSandboxId, "{method} {path}");
+        }
+        // A request that names a sandbox goes to it, whatever its path: the probe never
+        // takes a sandbox's own path.
+        let by_header = [
+            (":method", "GET"),
+            (":path", READY_PATH),
+            ("x-sandbox-id", "a"),
+        ];
+        let f = forward(decide(&cfg, &t, &req(&by_header)));
+        assert_eq!((f.route.spec.id.as_str(), f.new_path), ("a", None));
+        let by_host = [
+            (":method", "GET"),
+            (":path", READY_PATH),
+            (":authority", "a.sb.test"),
+        ];
+        assert_eq!(forward(decide(&cfg, &t, &req(&by_host))).route.spec.id, "a");
+        let bad_host = [
+            (":method", "GET"),
+            (":path", READY_PATH),
+            (":authority", "A.sb.test"),
+        ];
+        let r = reply(decide(&cfg, &t, &req(&bad_host)));
+        assert_eq!(r.code, ReplyCode::InvalidSandboxId);
+        // A path prefix that covers the ready path owns it: that path is a (bad) sandbox key.
+        let covering = GatewayConfig::from_json(
+            br#"{"route_source": {"type": "file", "path": "/r"}, "path_prefix": "/.well-known"}"#,
+        )
+        .unwrap();
+        let r = reply(decide(&covering, &t, &probe("GET", READY_PATH)));
+        assert_eq!(r.code, ReplyCode::InvalidSandboxPort);
+    }
+
     #[test]
     fn no_hold_when_the_hold_is_off() {
         let (mut cfg, t) = setup();
@@ -353,8 +689,9 @@ mod tests {
             ReplyCode::SandboxNotFound => 6,
             ReplyCode::SandboxNotReady => 7,
             ReplyCode::RoutesNotSynced => 8,
-            ReplyCode::RoutingFailed => 9,
-            ReplyCode::InternalError => 10,
+            ReplyCode::SandboxBusy => 9,
+            ReplyCode::RoutingFailed => 10,
+            ReplyCode::InternalError => 11,
         };
         for (i, c) in ReplyCode::ALL.iter().enumerate() {
             assert_eq!(index(*c), i, "{c:?}");

@@ -39,7 +39,7 @@ pub struct KeyConfig {
     pub headers: Option<HeaderNames>,
     /// Host `<port>-<id>.<domain>` is recognised for these domains (lowercase, no leading dot).
     pub host_domains: Vec<String>,
-    /// Path `<prefix>/<id>/<port>/...`, prefix stripped before forwarding.
+    /// Path `<prefix>/<id>/<port>/...` (what the upstream then sees: `path_prefix_mode`).
     pub path_prefix: Option<String>,
 }
 
@@ -71,14 +71,16 @@ pub struct SandboxKey<'a> {
     /// `None`: use the route's default port.
     pub port: Option<u16>,
     pub source: KeySource,
-    /// For path keys: the path to forward upstream (prefix removed, always starts with `/`).
+    /// For path keys: the matched prefix and the rest of the path (see [`PathRewrite`]).
     pub rewritten_path: Option<PathRewrite<'a>>,
 }
 
-/// The upstream path after the `/<prefix>/<id>/<port>` part is removed: `rest` (possibly empty)
-/// followed by the query, if any. Kept as borrowed pieces so extraction stays allocation-free.
+/// A path key split in two: `prefix` is `<prefix>/<id>/<port>` exactly as the client sent it
+/// (what `x-forwarded-prefix` carries when the prefix is stripped), `rest` what follows it
+/// (possibly empty) with the query, if any. Borrowed, so extraction stays allocation-free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathRewrite<'a> {
+    pub prefix: &'a [u8],
     pub rest: &'a [u8],
 }
 
@@ -274,11 +276,14 @@ fn from_path<'a>(path: &'a [u8], prefix: &[u8]) -> Result<Option<SandboxKey<'a>>
     let rest = &after[id_end + 1..];
     let port_end = seg_end(rest).unwrap_or(rest.len());
     let port = parse_port(&rest[..port_end])?;
+    // `path` = prefix "/" id "/" port rest: the split point is everything up to the port's end.
+    let split = path.len() - (rest.len() - port_end);
     Ok(Some(SandboxKey {
         id,
         port: Some(port),
         source: KeySource::Path,
         rewritten_path: Some(PathRewrite {
+            prefix: &path[..split],
             rest: &rest[port_end..],
         }),
     }))
@@ -480,16 +485,25 @@ mod tests {
             (k.id, k.port, k.source),
             ("abc", Some(8080), KeySource::Path)
         );
-        assert_eq!(k.rewritten_path.unwrap().to_path(), b"/api/v1?x=1");
+        let rw = k.rewritten_path.unwrap();
+        assert_eq!(rw.to_path(), b"/api/v1?x=1");
+        // The prefix is what the client sent, leading zeros and all.
+        assert_eq!(rw.prefix, b"/sandboxes/abc/8080");
+        let r = path(b"/sandboxes/abc/08080/x");
+        assert_eq!(
+            extract(&c, &r).unwrap().rewritten_path.unwrap().prefix,
+            b"/sandboxes/abc/08080"
+        );
         let r = path(b"/sandboxes/abc/8080");
         assert_eq!(
             extract(&c, &r).unwrap().rewritten_path.unwrap().to_path(),
             b"/"
         );
         let r = path(b"/sandboxes/abc/8080?q");
+        let rw = extract(&c, &r).unwrap().rewritten_path.unwrap();
         assert_eq!(
-            extract(&c, &r).unwrap().rewritten_path.unwrap().to_path(),
-            b"/?q"
+            (rw.to_path(), rw.prefix),
+            (b"/?q".to_vec(), &b"/sandboxes/abc/8080"[..])
         );
         assert_eq!(
             extract(&c, &path(b"/sandboxes/abc")),

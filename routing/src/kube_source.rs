@@ -1,5 +1,6 @@
 //! Kubernetes route source: `kube`'s watcher (list + watch with bookmarks, exponential backoff
-//! with jitter) on labelled Pods, feeding the route table through `PodIndex`.
+//! with jitter) on labelled Pods, feeding the route table through `PodIndex`. Pods are read as
+//! [`RoutePod`]s (only the fields a route needs), listed in pages of 500.
 //!
 //! Fault behaviour: the table keeps serving the last known routes while the API server is
 //! unreachable or a watch is being re-established; a relist replaces the view only once it is
@@ -7,14 +8,14 @@
 //! holds one record per pod plus a bounded set of tombstones.
 
 use crate::config::KubeSourceConfig;
-use crate::contract::{self, PORT_ANNOTATION, TOKEN_SHA256_ANNOTATION};
+use crate::contract::{PORT_ANNOTATION, TOKEN_SHA256_ANNOTATION};
 use crate::key::validate_id;
 use crate::pod_index::{Change, PodIndex, PodInfo};
+use crate::route_pod::RoutePod;
 use crate::stats::SourceStats;
 use crate::table::RouteTable;
 use crate::token::parse_sha256_hex;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::{self, Event, ListSemantic};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -57,7 +58,7 @@ pub fn access(cfg: &KubeSourceConfig) -> Result<Access, KubeSourceError> {
 /// Reads what the route contract needs from a Pod. `None` if the pod has no UID (not a real
 /// object). A pod with a malformed label or annotation is kept but never routable: a bad token
 /// annotation must not open a sandbox, a bad port must not guess one.
-pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
+pub fn pod_info(pod: &RoutePod, label: &str, default_port: u16) -> Option<PodInfo> {
     let meta = &pod.metadata;
     let uid: Arc<str> = meta.uid.as_deref()?.into();
     let namespace: Arc<str> = meta.namespace.as_deref().unwrap_or("").into();
@@ -97,17 +98,12 @@ pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
             parsed
         }
     };
-    let spec = pod.spec.as_ref();
     // A host-network pod's IP is its node's, shared with everything else on the node.
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let status = pod.status.as_ref();
-    let ip = status
-        .and_then(|s| s.pod_ip.as_deref())
+    let ip = pod
+        .pod_ip
+        .as_deref()
         .and_then(|ip| ip.parse().ok())
-        .filter(|_| !host_network && routable);
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| contract::is_ready(cs.iter().map(|c| (&*c.type_, &*c.status))));
+        .filter(|_| !pod.host_network && routable);
     Some(PodInfo {
         uid,
         key,
@@ -125,7 +121,7 @@ pub fn pod_info(pod: &Pod, label: &str, default_port: u16) -> Option<PodInfo> {
         sandbox_id,
         ip,
         port,
-        ready,
+        ready: pod.ready,
         deleting: meta.deletion_timestamp.is_some(),
         token_sha256,
     })
@@ -181,7 +177,7 @@ pub async fn run(
         cfg.namespaces.iter().cloned().map(Some).collect()
     };
     let streams = scopes.iter().map(|scope| {
-        let api: Api<Pod> = match scope {
+        let api: Api<RoutePod> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
@@ -257,7 +253,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(extra_meta: serde_json::Value, status: serde_json::Value) -> Pod {
+    fn pod(extra_meta: serde_json::Value, status: serde_json::Value) -> RoutePod {
         let mut meta = json!({
             "name": "sb-1", "namespace": "team", "uid": "uid-1", "resourceVersion": "42",
             "creationTimestamp": "2026-11-01T10:00:00Z",
@@ -276,7 +272,7 @@ mod tests {
         json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
     }
 
-    const LABEL: &str = contract::SANDBOX_ID_LABEL;
+    const LABEL: &str = crate::contract::SANDBOX_ID_LABEL;
 
     #[test]
     fn reads_the_route_contract() {
@@ -340,9 +336,7 @@ mod tests {
         );
         assert_eq!(pod_info(&bad_token, LABEL, 1).unwrap().ip, None);
         let mut host_net = pod(json!({}), ready("10.0.0.1"));
-        if let Some(spec) = host_net.spec.as_mut() {
-            spec.host_network = Some(true);
-        }
+        host_net.host_network = true;
         assert_eq!(pod_info(&host_net, LABEL, 1).unwrap().ip, None);
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::contract::PodFacts;
 use crate::table::RouteSpec;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -62,6 +62,12 @@ pub struct IndexStats {
 }
 
 const MAX_TOMBSTONES: usize = 100_000;
+
+// ahash, not SipHash: the first list of 100k pods hashes each pod into four of these maps, and
+// SipHash was the largest single cost of it in a profile (`make bench-kube`). Keys are pod UIDs,
+// IPs and sandbox IDs from the API server; ahash is randomized per process all the same.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 
 /// (creation time, namespace/name, uid): the order in which claimants win.
 type Claim = (i64, Arc<str>, Arc<str>);
@@ -171,7 +177,7 @@ impl PodIndex {
     /// view keeps serving.
     pub fn begin_relist(&mut self, namespace: Option<&str>) {
         self.relists
-            .insert(namespace.map(Arc::from), HashSet::new());
+            .insert(namespace.map(Arc::from), HashSet::default());
     }
 
     /// The relist of `namespace` is complete: pods in its scope that it did not contain are gone.

@@ -15,12 +15,13 @@ pub enum ReplyCode {
     SandboxNotFound,
     SandboxNotReady,
     RoutesNotSynced,
+    SandboxBusy,
     RoutingFailed,
     InternalError,
 }
 
 impl ReplyCode {
-    pub const ALL: [ReplyCode; 11] = [
+    pub const ALL: [ReplyCode; 12] = [
         ReplyCode::MissingSandboxId,
         ReplyCode::InvalidSandboxId,
         ReplyCode::InvalidSandboxPort,
@@ -30,6 +31,7 @@ impl ReplyCode {
         ReplyCode::SandboxNotFound,
         ReplyCode::SandboxNotReady,
         ReplyCode::RoutesNotSynced,
+        ReplyCode::SandboxBusy,
         ReplyCode::RoutingFailed,
         ReplyCode::InternalError,
     ];
@@ -40,6 +42,7 @@ impl ReplyCode {
             MissingSandboxId | InvalidSandboxId | InvalidSandboxPort | DuplicateHeader => 400,
             MissingAccessToken | InvalidAccessToken => 401,
             SandboxNotFound => 404,
+            SandboxBusy => 429,
             SandboxNotReady | RoutesNotSynced => 503,
             RoutingFailed | InternalError => 500,
         }
@@ -58,6 +61,7 @@ impl ReplyCode {
             SandboxNotFound => "sandbox_not_found",
             SandboxNotReady => "sandbox_not_ready",
             RoutesNotSynced => "routes_not_synced",
+            SandboxBusy => "sandbox_busy",
             RoutingFailed => "routing_failed",
             InternalError => "internal_error",
         }
@@ -75,6 +79,7 @@ impl ReplyCode {
             SandboxNotFound => "no sandbox with this id is routable",
             SandboxNotReady => "the sandbox is not ready yet",
             RoutesNotSynced => "the gateway has not loaded its routes yet",
+            SandboxBusy => "the sandbox has too many requests in flight at this gateway",
             RoutingFailed => "Envoy rejected the upstream address",
             InternalError => "the gateway failed to process this request",
         }
@@ -84,7 +89,75 @@ impl ReplyCode {
     pub fn retries(self) -> bool {
         matches!(
             self,
-            ReplyCode::SandboxNotReady | ReplyCode::RoutesNotSynced
+            ReplyCode::SandboxNotReady | ReplyCode::RoutesNotSynced | ReplyCode::SandboxBusy
         )
+    }
+
+    /// The gRPC status a gRPC client gets for this reply (grpc/grpc `doc/statuscodes.md`
+    /// meanings): a bad key is the caller's argument, a refused token is authentication, a
+    /// missing sandbox is not found, a busy one is exhausted, and what passes on its own is
+    /// unavailable (retryable by gRPC's own retry policy).
+    pub fn grpc_status(self) -> u32 {
+        use ReplyCode::*;
+        match self {
+            MissingSandboxId | InvalidSandboxId | InvalidSandboxPort | DuplicateHeader => {
+                GRPC_INVALID_ARGUMENT
+            }
+            MissingAccessToken | InvalidAccessToken => GRPC_UNAUTHENTICATED,
+            SandboxNotFound => GRPC_NOT_FOUND,
+            SandboxBusy => GRPC_RESOURCE_EXHAUSTED,
+            SandboxNotReady | RoutesNotSynced => GRPC_UNAVAILABLE,
+            RoutingFailed | InternalError => GRPC_INTERNAL,
+        }
+    }
+}
+
+pub const GRPC_INVALID_ARGUMENT: u32 = 3;
+pub const GRPC_NOT_FOUND: u32 = 5;
+pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+pub const GRPC_INTERNAL: u32 = 13;
+pub const GRPC_UNAVAILABLE: u32 = 14;
+pub const GRPC_UNAUTHENTICATED: u32 = 16;
+
+/// Whether a request is gRPC, by Envoy's own rule (its local replies become gRPC trailers-only
+/// responses for exactly these): `content-type` is `application/grpc`, or that followed by `+`
+/// (`application/grpc+proto`) or `;`. gRPC-Web (`application/grpc-web`) is not: it is plain
+/// HTTP to Envoy and gets the JSON body.
+pub fn is_grpc_content_type(content_type: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    match content_type.strip_prefix(GRPC) {
+        Some(rest) => matches!(rest.first(), None | Some(b'+') | Some(b';')),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_follow_envoys_rule() {
+        for yes in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;x=1",
+        ] {
+            assert!(is_grpc_content_type(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "application/grpc-web",
+            "application/json",
+            "",
+            "application/grpcx",
+        ] {
+            assert!(!is_grpc_content_type(no.as_bytes()), "{no}");
+        }
+    }
+
+    #[test]
+    fn every_code_has_a_non_ok_grpc_status() {
+        for c in ReplyCode::ALL {
+            assert_ne!(c.grpc_status(), 0, "{c:?}");
+        }
     }
 }

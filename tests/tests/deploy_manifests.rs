@@ -8,8 +8,9 @@
 //!   the gateway's own config parser accepts (the bootstrap is Envoy's schema: untyped here);
 //! - the Deployment wiring (module path, probes, drain, security) is consistent;
 //! - the bootstrap itself runs in the real Envoy 1.40 with the module, against the in-test
-//!   Kubernetes API server: a labelled pod is routed, the ops listener exposes only /ready and
-//!   /stats/prometheus.
+//!   Kubernetes API server: a labelled pod is routed; the ops listener exposes only the readiness
+//!   probe (through the sandbox listener to the module; 503 once Envoy's health check is failed,
+//!   as the preStop hook does), /ready and /stats/prometheus.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,9 +29,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resource};
 use routing::config::{GatewayConfig, RouteSourceConfig};
 use routing::contract::PORT_ANNOTATION;
+use routing::decide::READY_PATH;
 use sandbox_gateway_apiserver::{fake_pod, set_annotation, set_ready, FakeApiServer};
 use sandbox_gateway_harness::client;
-use sandbox_gateway_harness::envoy::{admin_get, render, repo_root, Envoy, EnvoyOptions};
+use sandbox_gateway_harness::envoy::{
+    admin_get, admin_post, render, repo_root, Envoy, EnvoyOptions,
+};
 use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -423,20 +427,59 @@ fn bootstrap_keeps_the_gateway_settings_and_uses_the_kubernetes_source() {
         false
     );
 
-    // The ops listener exposes exactly two admin paths, GET only.
-    let routes = &hcm(&b, "ops")["route_config"]["virtual_hosts"][0]["routes"];
-    let paths: Vec<&str> = routes
+    // The ops listener exposes the module's readiness path (through the sandbox listener) and
+    // exactly two admin paths, GET only.
+    let ops = hcm(&b, "ops");
+    let routes = ops["route_config"]["virtual_hosts"][0]["routes"]
         .as_array()
-        .unwrap()
+        .unwrap();
+    let paths: Vec<(&str, &str)> = routes
         .iter()
-        .map(|r| r["match"]["path"].as_str().unwrap())
+        .map(|r| {
+            let m = &r["match"];
+            assert_eq!(m["headers"][0]["string_match"]["exact"], "GET", "{m}");
+            (
+                m["path"].as_str().unwrap(),
+                r["route"]["cluster"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(paths, ["/ready", "/stats/prometheus"]);
-    let admin = named(&b["static_resources"]["clusters"], "envoy_admin");
     assert_eq!(
-        address(&admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]),
-        "127.0.0.1:9901"
+        paths,
+        [
+            (READY_PATH, "sandbox_listener"),
+            ("/ready", "envoy_admin"),
+            ("/stats/prometheus", "envoy_admin")
+        ]
     );
+    let endpoint = |cluster: &str| {
+        let c = named(&b["static_resources"]["clusters"], cluster);
+        address(&c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"])
+    };
+    assert_eq!(endpoint("envoy_admin"), "127.0.0.1:9901");
+    assert_eq!(endpoint("sandbox_listener"), "127.0.0.1:8080");
+    // In front of the router: Envoy's health check filter, passing the probe through unless the
+    // health check has been failed, and for that path only.
+    let filters = ops["http_filters"].as_array().unwrap();
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.http.health_check",
+            "envoy.filters.http.router"
+        ]
+    );
+    let hc = &filters[0]["typed_config"];
+    assert_eq!(hc["pass_through_mode"], true);
+    assert_eq!(
+        hc["headers"],
+        json!([{"name": ":path", "string_match": {"exact": READY_PATH}}])
+    );
+    // Never on the sandbox listener: it would run on every sandbox request.
+    assert!(!hcm(&b, "sandboxes").to_string().contains("health_check"));
 
     let cfg = module_config(&b);
     assert_eq!(cfg["route_source"]["type"], "kubernetes");
@@ -532,13 +575,13 @@ fn deployment_wiring_is_consistent() {
         "the envoy-config volume is the bootstrap ConfigMap"
     );
 
-    // Readiness goes through the ops listener (the admin API listens on loopback only).
+    // Readiness is the module's (synced routes), asked through the ops listener.
     let probe = envoy
         .readiness_probe
         .as_ref()
         .and_then(|p| p.http_get.as_ref());
     let probe = probe.expect("readinessProbe.httpGet");
-    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    assert_eq!(probe.path.as_deref(), Some(READY_PATH));
     let IntOrString::String(probe_port) = &probe.port else {
         panic!("the readiness probe names its port: {:?}", probe.port);
     };
@@ -574,8 +617,15 @@ fn deployment_wiring_is_consistent() {
         .and_then(|e| e.command.as_ref())
         .expect("preStop exec command")
         .join(" ");
+    // The health check is failed first (the probe turns 503 at once), then the drain starts.
+    let fail_at = pre_stop
+        .find("/healthcheck/fail")
+        .expect("preStop fails the health check");
+    let drain_at = pre_stop
+        .find("/drain_listeners?graceful")
+        .expect("preStop drains the listeners");
     assert!(
-        pre_stop.contains("drain_listeners?graceful") && pre_stop.contains("--post-data"),
+        fail_at < drain_at && pre_stop.matches("--post-data").count() == 2,
         "{pre_stop}"
     );
     let sleep: i64 = pre_stop
@@ -636,18 +686,27 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     api.apply(pod);
 
     let mut b = bootstrap();
-    let admin_port = free_port();
+    // The admin API and the sandbox listener are also upstreams of the ops listener, so their
+    // ports are chosen here; the ops listener's is Envoy's.
+    let (admin_port, sandbox_port) = (free_port(), free_port());
     b["admin"]["address"]["socket_address"]["port_value"] = json!(admin_port);
     for l in b["static_resources"]["listeners"].as_array_mut().unwrap() {
-        l["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": 0});
+        let port = if l["name"] == "sandboxes" {
+            sandbox_port
+        } else {
+            0
+        };
+        l["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": port});
     }
-    let admin_cluster = b["static_resources"]["clusters"].as_array_mut().unwrap();
-    let admin_cluster = admin_cluster
-        .iter_mut()
-        .find(|c| c["name"] == "envoy_admin")
-        .unwrap();
-    admin_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        ["socket_address"]["port_value"] = json!(admin_port);
+    for (cluster, port) in [
+        ("envoy_admin", admin_port),
+        ("sandbox_listener", sandbox_port),
+    ] {
+        let clusters = b["static_resources"]["clusters"].as_array_mut().unwrap();
+        let c = clusters.iter_mut().find(|c| c["name"] == cluster).unwrap();
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"]["port_value"] = json!(port);
+    }
     let mut cfg = module_config(&b);
     cfg["route_source"]["kubeconfig"] = json!(kubeconfig);
     *module_config_mut(&mut b) = json!(cfg.to_string());
@@ -713,8 +772,13 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
         "{log:?}"
     );
 
-    // The ops listener: readiness and metrics from the admin API, nothing else of it.
+    // The ops listener: the readiness probe, answered by the module through the sandbox
+    // listener (synced: the pod list is in).
     let ops = listener_addr(envoy.admin, "ops");
+    let probe = client::get(ops, READY_PATH, &[]).await.unwrap();
+    assert_eq!(probe.status, 200, "{}", probe.text());
+    assert_eq!(probe.json(), json!({"ready": true, "routes": 1}));
+    // Envoy's own state, and metrics, from the admin API; nothing else of it.
     let ready = client::get(ops, "/ready", &[]).await.unwrap();
     assert_eq!((ready.status, ready.text().trim()), (200, "LIVE"));
     let metrics = client::get(ops, "/stats/prometheus", &[]).await.unwrap();
@@ -734,4 +798,37 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     assert_eq!(client::send_raw(ops, post).await.unwrap().status, 404);
     let post = b"POST /ready HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
     assert_eq!(client::send_raw(ops, post).await.unwrap().status, 404);
+
+    // The preStop hook's first step: the probe turns 503 at once, Envoy's health-check filter
+    // answering it, while sandbox traffic is still served (the drain has not even begun).
+    let admin = envoy.admin;
+    tokio::task::spawn_blocking(move || admin_post(admin, "/healthcheck/fail"))
+        .await
+        .unwrap()
+        .unwrap();
+    let probe = client::get(ops, READY_PATH, &[]).await.unwrap();
+    assert_eq!(probe.status, 503, "{}", probe.text());
+    assert_eq!(
+        probe.header("x-envoy-immediate-health-check-fail"),
+        Some("true")
+    );
+    let mut pod = api.get("sandboxes", "alpha-0").unwrap();
+    set_ready(&mut pod, true);
+    api.apply(pod);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client::get(gw, "/", &[("x-sandbox-id", "alpha")])
+        .await
+        .unwrap()
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "not routed again while draining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And back: the probe is the module's again.
+    tokio::task::spawn_blocking(move || admin_post(admin, "/healthcheck/ok"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client::get(ops, READY_PATH, &[]).await.unwrap().status, 200);
 }

@@ -7,33 +7,19 @@ use sandbox_gateway_apiserver::pods::{
 };
 use sandbox_gateway_apiserver::FakeApiServer;
 use sandbox_gateway_harness::client;
-use sandbox_gateway_harness::envoy::{Envoy, EnvoyOptions};
-use sandbox_gateway_harness::gateway::bootstrap;
 use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use routing::contract::{PORT_ANNOTATION, SANDBOX_ID_LABEL as ID_LABEL};
+use routing::decide::READY_PATH;
 
-struct KubeGateway {
-    envoy: Envoy,
-    _dir: tempfile::TempDir,
-}
+#[path = "support/kube_gateway.rs"]
+mod kube_gateway;
+use kube_gateway::KubeGateway;
 
 impl KubeGateway {
-    fn start(api: &FakeApiServer) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.kubeconfig(&kubeconfig)?;
-        let cfg = json!({
-            "route_source": {"type": "kubernetes", "kubeconfig": kubeconfig},
-            "miss_hold_ms": 200
-        });
-        let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&cfg, 0, 0)?))?;
-        Ok(KubeGateway { envoy, _dir: dir })
-    }
-
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
     }
@@ -282,10 +268,25 @@ async fn unreachable_api_at_start_then_sync() -> Result<()> {
         r.text()
     );
     ensure!(r.header("retry-after").is_some());
+    // And its readiness probe says so: not ready, so no balancer sends it traffic yet.
+    let r = client::get(gw.addr(), READY_PATH, &[]).await?;
+    ensure!(
+        r.status == 503 && r.json()["error"] == "routes_not_synced",
+        "{}",
+        r.text()
+    );
+    ensure!(r.header("retry-after").is_some());
     gw.envoy
         .wait_stat("dynamicmodulescustom.routes_synced", |v| v == 0)?;
     api.restart().await?;
     eventually(&gw, "aaa", "a-pod").await.context("step 18")?;
+    let r = client::get(gw.addr(), READY_PATH, &[]).await?;
+    ensure!(
+        r.status == 200 && r.json() == json!({"ready": true, "routes": 1}),
+        "{} {}",
+        r.status,
+        r.text()
+    );
     gw.envoy
         .wait_stat("dynamicmodulescustom.routes_synced", |v| v == 1)?;
     eventually(&gw, "nobody", "404 sandbox_not_found")

@@ -48,6 +48,11 @@ pub type header_type = u32;
 pub const HEADER_TYPE_REQUEST: header_type = 0;
 pub const HEADER_TYPE_RESPONSE: header_type = 2;
 
+/// `envoy_dynamic_module_type_attribute_id` (a C enum: the position in its list).
+pub type attribute_id = u32;
+/// `source.address`: the downstream remote address, `ip:port` (after Envoy's XFF handling).
+pub const ATTRIBUTE_SOURCE_ADDRESS: attribute_id = 24;
+
 /// `envoy_dynamic_module_type_metrics_result`.
 pub type metrics_result = u32;
 pub const METRICS_SUCCESS: metrics_result = 0;
@@ -128,6 +133,13 @@ extern "C" {
     ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_clear_route_cache(filter: filter_envoy_ptr);
+
+    /// A string attribute of the stream; `result` points into Envoy, valid for the hook.
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter: filter_envoy_ptr,
+        id: attribute_id,
+        result: *mut envoy_buffer,
+    ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: filter_envoy_ptr);
 

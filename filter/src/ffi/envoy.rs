@@ -216,6 +216,25 @@ impl Stream for EnvoyStream<'_> {
         }
     }
 
+    fn source_address(&self) -> Option<&[u8]> {
+        let mut out = abi::envoy_buffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: `raw` is live for this hook; Envoy writes a pointer into its own stream info,
+        // which lives as long as the stream, and `&self` keeps this borrow inside the hook.
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.raw,
+                abi::ATTRIBUTE_SOURCE_ADDRESS,
+                &mut out,
+            )
+        };
+        // SAFETY: on success `out` describes Envoy's bytes, alive for the hook (see above).
+        let b = ok.then(|| unsafe { bytes(out.ptr, out.length) })?;
+        (!b.is_empty()).then_some(b)
+    }
+
     fn clear_route_cache(&mut self) {
         // SAFETY: `raw` is live for this hook.
         unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(self.raw) }

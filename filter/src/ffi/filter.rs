@@ -99,6 +99,8 @@ pub trait Stream {
     /// Sets a typed filter-state object built by Envoy's factory for `key`; false if rejected.
     fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool;
     fn clear_route_cache(&mut self);
+    /// The downstream client's address as Envoy reports it (`ip:port`); `None` if unknown.
+    fn source_address(&self) -> Option<&[u8]>;
     /// Resumes a request stopped with [`HeadersStatus::Stop`].
     fn continue_decoding(&mut self);
     /// A scheduler for this stream; `None` if Envoy could not make one.

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use super::pods::LabelSelector;
-use super::{EventType, LogEntry, Shared, Signal};
+use super::{EventType, LogEntry, Shared, Signal, Snapshot, State, Stored, MAX_LIST_SNAPSHOTS};
 
 type Body = BoxBody<Bytes, io::Error>;
 type Chunk = Result<Frame<Bytes>, io::Error>;
@@ -51,7 +51,10 @@ pub(super) async fn accept_loop(
 }
 
 fn full(status: StatusCode, body: &Value) -> Response<Body> {
-    let bytes = Bytes::from(body.to_string());
+    bytes_response(status, Bytes::from(body.to_string()))
+}
+
+fn bytes_response(status: StatusCode, bytes: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(bytes).map_err(|e: Infallible| match e {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -110,6 +113,10 @@ struct Query {
     bookmarks: bool,
     timeout_seconds: Option<u64>,
     send_initial_events: bool,
+    /// `limit`: at most this many items per list page (absent or 0: everything).
+    limit: Option<u64>,
+    /// `continue`: the token of the previous page.
+    continue_token: Option<String>,
 }
 
 fn parse_query(q: &str) -> Result<Query, String> {
@@ -131,8 +138,11 @@ fn parse_query(q: &str) -> Result<Query, String> {
                         .map_err(|_| format!("invalid timeoutSeconds {v:?}"))?,
                 );
             }
-            // No pagination: everything comes in one page without a continue token.
-            "limit" | "continue" | "fieldSelector" | "pretty" => {}
+            "limit" => {
+                out.limit = Some(v.parse().map_err(|_| format!("invalid limit {v:?}"))?);
+            }
+            "continue" => out.continue_token = Some(v).filter(|t| !t.is_empty()),
+            "fieldSelector" | "pretty" => {}
             other => return Err(format!("unknown query parameter {other:?}")),
         }
     }
@@ -209,11 +219,12 @@ fn list(shared: &Shared, q: &Query, rv: Option<u64>, filter: &Filter) -> Respons
             "resourceVersionMatch is forbidden unless resourceVersion is provided",
         );
     }
+    let started = std::time::Instant::now();
     let mut st = shared.lock();
     match q.rv_match.as_deref() {
         None | Some("NotOlderThan") => {}
         // An exact list is served from the current state only if it is still the current
-        // state; older history is gone once compacted (and this fake keeps no snapshots).
+        // state; older history is gone once compacted (this fake keeps no past states).
         Some("Exact") if rv.is_some_and(|rv| rv < st.compacted) => {
             drop(st);
             let msg = "The resourceVersion for the provided list is too old.";
@@ -228,21 +239,133 @@ fn list(shared: &Shared, q: &Query, rv: Option<u64>, filter: &Filter) -> Respons
             );
         }
     }
+    // Where this page starts: a new list from the current state, or the snapshot and position
+    // a continue token names.
+    let (id, snapshot, from) = match &q.continue_token {
+        None => {
+            let items: Vec<Arc<Stored>> = st
+                .pods
+                .values()
+                .filter(|p| filter.in_ns(ns_of(&p.value)))
+                .cloned()
+                .collect();
+            let snapshot = Snapshot {
+                rv: st.rv,
+                items: Arc::new(items),
+            };
+            (None, snapshot, 0)
+        }
+        Some(_) if q.resource_version.is_some() => {
+            drop(st);
+            let msg = "specifying resource version is not allowed when using continue";
+            return error(shared, StatusCode::BAD_REQUEST, "BadRequest", msg);
+        }
+        Some(token) => {
+            let Some((id, from)) = parse_continue(token) else {
+                drop(st);
+                let msg = format!("continue key is not valid: {token:?}");
+                return error(shared, StatusCode::BAD_REQUEST, "BadRequest", &msg);
+            };
+            match st.snapshots.get(&id) {
+                Some(s) => {
+                    let snapshot = Snapshot {
+                        rv: s.rv,
+                        items: Arc::clone(&s.items),
+                    };
+                    (Some(id), snapshot, from)
+                }
+                None => {
+                    st.counts.expired += 1;
+                    drop(st);
+                    let msg = "The provided continue parameter is too old to display a \
+                               consistent list result. You can start a new list without the \
+                               continue parameter.";
+                    return error(shared, StatusCode::GONE, "Expired", msg);
+                }
+            }
+        }
+    };
     st.counts.lists += 1;
-    let items: Vec<Value> = st
-        .pods
-        .values()
-        .filter(|p| filter.matches_now(p))
-        .cloned()
-        .collect();
-    let body = json!({
-        "kind": "PodList",
-        "apiVersion": "v1",
-        "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
-    });
     drop(st);
-    full(StatusCode::OK, &body)
+
+    // The page: up to `limit` matching items from `from`, then the position of the next
+    // matching one, if any (the real server also reads one past the limit to know).
+    let limit = q
+        .limit
+        .filter(|l| *l > 0)
+        .map_or(usize::MAX, |l| l as usize);
+    let mut page = Vec::new();
+    let mut next = None;
+    for (i, p) in snapshot.items.iter().enumerate().skip(from) {
+        if !filter.selector.matches(&p.value) {
+            continue;
+        }
+        if page.len() == limit {
+            next = Some(i);
+            break;
+        }
+        page.push(&p.json);
+    }
+    let token = next.map(|pos| {
+        let id = id.unwrap_or_else(|| {
+            let mut st = shared.lock();
+            keep_snapshot(&mut st, &snapshot)
+        });
+        continue_token(id, pos)
+    });
+    let mut meta = json!({"resourceVersion": snapshot.rv.to_string()});
+    if let Some(t) = &token {
+        meta["continue"] = json!(t);
+    }
+    let mut body = Vec::with_capacity(64 + page.iter().map(|j| j.len() + 1).sum::<usize>());
+    body.extend_from_slice(br#"{"kind":"PodList","apiVersion":"v1","metadata":"#);
+    body.extend_from_slice(meta.to_string().as_bytes());
+    body.extend_from_slice(br#","items":["#);
+    for (i, json) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(json);
+    }
+    body.extend_from_slice(b"]}");
+    let resp = bytes_response(StatusCode::OK, Bytes::from(body));
+    shared.lock().list_time += started.elapsed();
+    resp
+}
+
+/// Stores a list's snapshot for its next pages; returns the id its continue tokens carry.
+fn keep_snapshot(st: &mut State, snapshot: &Snapshot) -> u64 {
+    st.next_snapshot += 1;
+    let id = st.next_snapshot;
+    st.snapshots.insert(
+        id,
+        Snapshot {
+            rv: snapshot.rv,
+            items: Arc::clone(&snapshot.items),
+        },
+    );
+    while st.snapshots.len() > MAX_LIST_SNAPSHOTS {
+        st.snapshots.pop_first();
+    }
+    id
+}
+
+/// The continue token: opaque to clients (they only send it back), here the snapshot id and the
+/// position of the next page's first item.
+fn continue_token(id: u64, pos: usize) -> String {
+    format!("fake-{id:x}-{pos:x}")
+}
+
+fn parse_continue(token: &str) -> Option<(u64, usize)> {
+    let (id, pos) = token.strip_prefix("fake-")?.split_once('-')?;
+    Some((
+        u64::from_str_radix(id, 16).ok()?,
+        usize::from_str_radix(pos, 16).ok()?,
+    ))
+}
+
+fn ns_of(obj: &Value) -> &str {
+    obj["metadata"]["namespace"].as_str().unwrap_or("")
 }
 
 /// A watch's view: namespace and label selector.
@@ -257,8 +380,7 @@ impl Filter {
     }
 
     fn matches_now(&self, obj: &Value) -> bool {
-        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("");
-        self.in_ns(ns) && self.selector.matches(obj)
+        self.in_ns(ns_of(obj)) && self.selector.matches(obj)
     }
 
     /// The event this watch sees for a logged mutation, like the API server's watch cache:
@@ -268,19 +390,33 @@ impl Filter {
         if !self.in_ns(&e.ns) {
             return None;
         }
-        let cur = e.ty != EventType::Deleted && self.selector.matches(&e.obj);
-        let old = e.prev.as_ref().is_some_and(|p| self.selector.matches(p));
+        let cur = e.ty != EventType::Deleted && self.selector.matches(&e.obj.value);
+        let old = e
+            .prev
+            .as_ref()
+            .is_some_and(|p| self.selector.matches(&p.value));
         match (cur, old) {
-            (true, false) => Some(event_line("ADDED", &e.obj)),
-            (true, true) => Some(event_line("MODIFIED", &e.obj)),
+            (true, false) => Some(stored_event_line("ADDED", &e.obj)),
+            (true, true) => Some(stored_event_line("MODIFIED", &e.obj)),
             (false, true) => {
-                let mut obj = e.prev.clone().unwrap_or(Value::Null);
+                let mut obj = e.prev.as_ref().map_or(Value::Null, |p| p.value.clone());
                 obj["metadata"]["resourceVersion"] = json!(e.rv.to_string());
                 Some(event_line("DELETED", &obj))
             }
             (false, false) => None,
         }
     }
+}
+
+/// A watch event line for a stored object, from its serialized form.
+fn stored_event_line(ty: &str, obj: &Stored) -> Bytes {
+    let mut line = Vec::with_capacity(obj.json.len() + 32);
+    line.extend_from_slice(br#"{"type":""#);
+    line.extend_from_slice(ty.as_bytes());
+    line.extend_from_slice(br#"","object":"#);
+    line.extend_from_slice(&obj.json);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
 }
 
 fn event_line(ty: &str, obj: &Value) -> Bytes {
@@ -336,8 +472,8 @@ fn watch(shared: &Arc<Shared>, q: &Query, rv: Option<u64>, filter: Filter) -> Re
             }
             // "Any"/unset version or a streaming list: synthetic ADDED for the current state.
             _ => {
-                let added = st.pods.values().filter(|p| filter.matches_now(p));
-                initial.extend(added.map(|p| event_line("ADDED", p)));
+                let added = st.pods.values().filter(|p| filter.matches_now(&p.value));
+                initial.extend(added.map(|p| stored_event_line("ADDED", p)));
                 if q.send_initial_events {
                     initial.push(bookmark_line(st.rv, true));
                 }

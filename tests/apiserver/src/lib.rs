@@ -7,8 +7,15 @@
 //! depends on it:
 //! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, with `labelSelector` (`key`,
 //!   `!key`, `key=value`, `key!=value`, comma conjunctions), `resourceVersion`,
-//!   `resourceVersionMatch`, `limit`/`continue` (no pagination: everything in one page),
-//!   `watch`, `allowWatchBookmarks`, `timeoutSeconds` and `sendInitialEvents`.
+//!   `resourceVersionMatch`, `limit`/`continue`, `watch`, `allowWatchBookmarks`,
+//!   `timeoutSeconds` and `sendInitialEvents`.
+//! - Paged lists as the API server pages them: `limit=N` returns at most N matching items and an
+//!   opaque `continue` token while more remain; every page of one list comes from the snapshot
+//!   the first page was served from (same items, same `resourceVersion`), whatever changes in
+//!   between; a token can be sent again for the same page. A token that is not ours is a 400;
+//!   one whose snapshot is gone (compacted by [`FakeApiServer::compact`], or evicted: the server
+//!   keeps the [`MAX_LIST_SNAPSHOTS`] newest) is a 410 `Expired`, after which kube's watcher
+//!   starts a new list.
 //! - Every mutation bumps one global resourceVersion. Watches replay logged events newer than the
 //!   requested resourceVersion, then stream live ones, filtered like the API server's watch cache:
 //!   an update that makes an object stop matching the selector arrives as `DELETED`, one that
@@ -38,6 +45,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
@@ -67,11 +75,12 @@ impl Default for Options {
 /// How many requests the server has answered, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RequestCounts {
-    /// List requests answered with a PodList.
+    /// List requests answered with a PodList (each page of a paged list is one).
     pub lists: u64,
     /// Watch requests that opened a stream (including ones that only carried a 410 ERROR).
     pub watches: u64,
-    /// Watch streams that started with a 410 `Expired` ERROR event.
+    /// Watch streams that started with a 410 `Expired` ERROR event, and list pages refused with
+    /// 410 `Expired` (their continue token's snapshot was gone).
     pub expired: u64,
     /// Requests rejected with an error Status (bad path, method, selector or parameters).
     pub rejected: u64,
@@ -84,14 +93,41 @@ enum EventType {
     Deleted,
 }
 
+/// A stored object and its JSON, serialized once when it is written: list pages and watch events
+/// are built from the bytes (as the API server's watch cache keeps serialized objects), so the
+/// server's share of a large list stays small next to the client's.
+#[derive(Debug)]
+struct Stored {
+    value: Value,
+    json: Bytes,
+}
+
+impl Stored {
+    fn new(value: Value) -> Arc<Self> {
+        let json = Bytes::from(value.to_string());
+        Arc::new(Stored { value, json })
+    }
+}
+
 /// One logged mutation: the object after it (for a delete: the final object) and before it.
 #[derive(Debug)]
 struct LogEntry {
     rv: u64,
     ty: EventType,
     ns: String,
-    obj: Value,
-    prev: Option<Value>,
+    obj: Arc<Stored>,
+    prev: Option<Arc<Stored>>,
+}
+
+/// Paged lists whose snapshots are kept for their next pages, newest first; an older one's
+/// next page gets 410 `Expired`, as a real API server answers a compacted continue token.
+pub const MAX_LIST_SNAPSHOTS: usize = 64;
+
+/// The objects a paged list is served from: every pod in the list's namespace scope when its
+/// first page was asked for, in key order, and that moment's resourceVersion.
+struct Snapshot {
+    rv: u64,
+    items: Arc<Vec<Arc<Stored>>>,
 }
 
 /// What open watch streams are told.
@@ -107,10 +143,15 @@ struct State {
     rv: u64,
     /// Watches from a resourceVersion below this get 410 Expired.
     compacted: u64,
-    pods: BTreeMap<(String, String), Value>,
+    pods: BTreeMap<(String, String), Arc<Stored>>,
     log: Vec<Arc<LogEntry>>,
+    /// Paged lists in flight, by the id their continue tokens carry; oldest first.
+    snapshots: BTreeMap<u64, Snapshot>,
+    next_snapshot: u64,
     counts: RequestCounts,
     requests: Vec<String>,
+    /// Time spent building and serializing list responses (not sending them).
+    list_time: Duration,
 }
 
 struct Shared {
@@ -217,7 +258,27 @@ impl FakeApiServer {
     ///
     /// # Panics
     /// If the object has no `metadata.name` (a test bug, not a server path).
-    pub fn apply(&self, mut pod: Value) -> Value {
+    pub fn apply(&self, pod: Value) -> Value {
+        let mut st = self.shared.lock();
+        self.apply_locked(&mut st, pod).value.clone()
+    }
+
+    /// [`apply`](Self::apply) for many pods at once, under one lock, without handing each stored
+    /// object back: how a test fills the server with 100k pods quickly. Every pod still gets its
+    /// own resourceVersion and event (a watch open meanwhile that cannot keep up is closed, as
+    /// the API server closes slow watchers). Returns the resourceVersion after the last one.
+    ///
+    /// # Panics
+    /// If an object has no `metadata.name`.
+    pub fn apply_all(&self, pods: impl IntoIterator<Item = Value>) -> u64 {
+        let mut st = self.shared.lock();
+        for pod in pods {
+            self.apply_locked(&mut st, pod);
+        }
+        st.rv
+    }
+
+    fn apply_locked(&self, st: &mut State, mut pod: Value) -> Arc<Stored> {
         let name = pod["metadata"]["name"].as_str().map(str::to_string);
         let name = name
             .unwrap_or_else(|| panic!("FakeApiServer::apply: pod without metadata.name: {pod}"));
@@ -225,7 +286,6 @@ impl FakeApiServer {
             .as_str()
             .unwrap_or("default")
             .to_string();
-        let mut st = self.shared.lock();
         st.rv += 1;
         let rv = st.rv;
         let key = (ns.clone(), name);
@@ -234,28 +294,29 @@ impl FakeApiServer {
         meta["namespace"] = json!(ns);
         meta["resourceVersion"] = json!(rv.to_string());
         if let Some(prev) = &prev {
-            meta["uid"] = prev["metadata"]["uid"].clone();
-            meta["creationTimestamp"] = prev["metadata"]["creationTimestamp"].clone();
+            meta["uid"] = prev.value["metadata"]["uid"].clone();
+            meta["creationTimestamp"] = prev.value["metadata"]["creationTimestamp"].clone();
         } else if meta["uid"].as_str().is_none() {
             meta["uid"] = json!(pods::new_uid());
         }
-        st.pods.insert(key, pod.clone());
+        let stored = Stored::new(pod);
+        st.pods.insert(key, Arc::clone(&stored));
         let ty = if prev.is_some() {
             EventType::Modified
         } else {
             EventType::Added
         };
         self.record(
-            &mut st,
+            st,
             LogEntry {
                 rv,
                 ty,
                 ns,
-                obj: pod.clone(),
+                obj: Arc::clone(&stored),
                 prev,
             },
         );
-        pod
+        stored
     }
 
     /// Deletes a Pod; emits `DELETED` with the final object (at a new resourceVersion).
@@ -265,13 +326,13 @@ impl FakeApiServer {
         let prev = st.pods.remove(&(ns.to_string(), name.to_string()))?;
         st.rv += 1;
         let rv = st.rv;
-        let mut obj = prev.clone();
+        let mut obj = prev.value.clone();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let entry = LogEntry {
             rv,
             ty: EventType::Deleted,
             ns: ns.to_string(),
-            obj: obj.clone(),
+            obj: Stored::new(obj.clone()),
             prev: Some(prev),
         };
         self.record(&mut st, entry);
@@ -291,7 +352,7 @@ impl FakeApiServer {
             .lock()
             .pods
             .get(&(ns.to_string(), name.to_string()))
-            .cloned()
+            .map(|p| p.value.clone())
     }
 
     /// The current global resourceVersion.
@@ -300,12 +361,14 @@ impl FakeApiServer {
     }
 
     /// Moves the compaction point to the current resourceVersion: a watch from any older
-    /// resourceVersion gets a 410 `Expired` ERROR event. Open watches are not affected.
+    /// resourceVersion gets a 410 `Expired` ERROR event, and so does the next page of a list
+    /// that began before it. Open watches are not affected.
     pub fn compact(&self) {
         let mut st = self.shared.lock();
         st.compacted = st.rv;
         let rv = st.rv;
         st.log.retain(|e| e.rv > rv);
+        st.snapshots.retain(|_, s| s.rv >= rv);
     }
 
     /// Sends a `BOOKMARK` now to every open watch that asked for bookmarks.
@@ -341,6 +404,12 @@ impl FakeApiServer {
     /// Requests served so far, by kind.
     pub fn request_counts(&self) -> RequestCounts {
         self.shared.lock().counts
+    }
+
+    /// Time the server has spent building and serializing list responses, so a benchmark can
+    /// tell the server's share of a list from the client's.
+    pub fn list_time(&self) -> Duration {
+        self.shared.lock().list_time
     }
 
     /// Every request's path and query as received (percent-encoded), oldest first.

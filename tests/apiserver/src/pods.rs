@@ -82,6 +82,34 @@ pub fn fake_pod(
     pod
 }
 
+/// A unique IPv4 address in 10.0.0.0/8 for the `i`-th of many pods (up to 2^24): the gateway
+/// fences a pod IP claimed twice, so every routable pod needs its own.
+pub fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
+}
+
+/// `n` Ready sandbox pods `{prefix}{i}` in `ns`, with sandbox ID `{prefix}{i}` and IP
+/// [`pod_ip`]`(i)`, each a [`fake_pod`] in full: built from one template, so filling a server
+/// with 100k of them (with [`super::FakeApiServer::apply_all`]) costs a clone and a few fields
+/// per pod rather than building each from scratch.
+pub fn ready_sandbox_pods<'a>(
+    ns: &'a str,
+    prefix: &'a str,
+    n: usize,
+) -> impl Iterator<Item = Value> + 'a {
+    let template = fake_pod(ns, "template", Some("template"), Some("10.0.0.0"), true);
+    (0..n).map(move |i| {
+        let mut pod = template.clone();
+        let name = format!("{prefix}{i}");
+        set_label(&mut pod, SANDBOX_ID_LABEL, Some(&name));
+        set_pod_ip(&mut pod, Some(&pod_ip(i)));
+        let meta = child(&mut pod, "metadata");
+        meta["uid"] = json!(new_uid());
+        meta["name"] = json!(name);
+        pod
+    })
+}
+
 /// `v[key]` as an object, creating (or replacing a non-object) as needed.
 fn child<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
     if !v.is_object() {

@@ -411,3 +411,195 @@ async fn kubeconfig_points_kube_at_the_server() {
         ["s1"]
     );
 }
+
+/// The status code of a raw `GET path`.
+async fn raw_status(s: &FakeApiServer, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn paged(limit: u32, token: Option<&str>) -> ListParams {
+    let lp = ListParams::default().labels(SANDBOX_ID_LABEL).limit(limit);
+    match token {
+        Some(t) => lp.continue_token(t),
+        None => lp,
+    }
+}
+
+#[tokio::test]
+async fn paged_list_pages_one_snapshot() {
+    let s = server(Duration::ZERO).await;
+    for i in 0..7 {
+        s.apply(sandbox("a", &format!("s{i}")));
+        // Pods the selector leaves out sit between the matching ones.
+        s.apply(fake_pod("a", &format!("t{i}"), None, None, true));
+    }
+    let api: Api<Pod> = Api::all(s.client().unwrap());
+    let first = api.list(&paged(3, None)).await.unwrap();
+    assert_eq!(names(&first.items), ["s0", "s1", "s2"]);
+    let rv = first.metadata.resource_version.clone();
+    assert_eq!(rv, Some(s.resource_version().to_string()));
+    let token = first.metadata.continue_.clone().expect("a continue token");
+
+    // Changes between pages do not show: the rest comes from the first page's snapshot.
+    s.delete("a", "s4");
+    s.apply(sandbox("a", "s10"));
+    let mut p = s.get("a", "s5").unwrap();
+    set_annotation(&mut p, PORT_ANNOTATION, Some("9000"));
+    s.apply(p);
+    let second = api.list(&paged(3, Some(&token))).await.unwrap();
+    assert_eq!(names(&second.items), ["s3", "s4", "s5"]);
+    assert_eq!(second.metadata.resource_version, rv);
+    assert!(second.items[2].annotations().get(PORT_ANNOTATION).is_none());
+    let token = second.metadata.continue_.clone().expect("a continue token");
+    let last = api.list(&paged(3, Some(&token))).await.unwrap();
+    assert_eq!(names(&last.items), ["s6"]);
+    assert_eq!(last.metadata.resource_version, rv);
+    assert_eq!(last.metadata.continue_, None, "the last page has no token");
+    // A token can be sent again (until compaction), for the same page; a new list sees the
+    // changes.
+    let again = api.list(&paged(3, Some(&token))).await.unwrap();
+    assert_eq!(names(&again.items), ["s6"]);
+    let now = api
+        .list(&ListParams::default().labels(SANDBOX_ID_LABEL))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&now.items),
+        ["s0", "s1", "s10", "s2", "s3", "s5", "s6"]
+    );
+    // An exact fit has no next page.
+    let exact = api.list(&paged(7, None)).await.unwrap();
+    assert_eq!((exact.items.len(), exact.metadata.continue_), (7, None));
+    assert_eq!(s.request_counts().lists, 6);
+}
+
+#[tokio::test]
+async fn bad_and_expired_continue_tokens_are_refused() {
+    let s = server(Duration::ZERO).await;
+    for i in 0..3 {
+        s.apply(sandbox("a", &format!("s{i}")));
+    }
+    let api: Api<Pod> = Api::all(s.client().unwrap());
+    let status = |r: kube::Result<kube::core::ObjectList<Pod>>| match r {
+        Err(kube::Error::Api(status)) => (status.code, status.reason),
+        Ok(l) => panic!("want an error, got {} items", l.items.len()),
+        Err(e) => panic!("want an API error, got {e}"),
+    };
+    assert_eq!(
+        status(api.list(&paged(1, Some("not-ours"))).await),
+        (400, "BadRequest".to_string())
+    );
+    let token = api
+        .list(&paged(1, None))
+        .await
+        .unwrap()
+        .metadata
+        .continue_
+        .unwrap();
+    // A continue token carries its own resourceVersion: asking for another one is an error
+    // (kube never sends both, so this one is raw).
+    let both = format!("/api/v1/pods?limit=1&resourceVersion=1&continue={token}");
+    assert_eq!(raw_status(&s, &both).await, 400);
+    // Compaction past the list's snapshot expires its token, as etcd's does.
+    s.apply(sandbox("a", "s9"));
+    s.compact();
+    assert_eq!(
+        status(api.list(&paged(1, Some(&token))).await),
+        (410, "Expired".to_string())
+    );
+    // So does being one of too many lists in flight.
+    let oldest = api
+        .list(&paged(1, None))
+        .await
+        .unwrap()
+        .metadata
+        .continue_
+        .unwrap();
+    for _ in 0..MAX_LIST_SNAPSHOTS {
+        api.list(&paged(1, None)).await.unwrap();
+    }
+    assert_eq!(status(api.list(&paged(1, Some(&oldest))).await).0, 410);
+    let counts = s.request_counts();
+    assert_eq!((counts.expired, counts.rejected), (2, 4));
+}
+
+#[tokio::test]
+async fn watcher_lists_in_pages_then_watches_from_the_list() {
+    let s = server(Duration::ZERO).await;
+    for i in 0..5 {
+        s.apply(sandbox("a", &format!("s{i}")));
+    }
+    s.apply_all((5..7).map(|i| sandbox("b", &format!("s{i}"))));
+    let list_rv = s.resource_version();
+    let cfg = watcher::Config::default()
+        .labels(SANDBOX_ID_LABEL)
+        .page_size(2);
+    let mut w = pod_watcher(&s, cfg);
+    let (events, errors) = next_ok(&mut w, 9).await;
+    assert_eq!(errors, 0);
+    assert_eq!(
+        events,
+        [
+            "Init",
+            "InitApply:a/s0",
+            "InitApply:a/s1",
+            "InitApply:a/s2",
+            "InitApply:a/s3",
+            "InitApply:a/s4",
+            "InitApply:b/s5",
+            "InitApply:b/s6",
+            "InitDone"
+        ]
+    );
+    s.apply(sandbox("a", "s7"));
+    assert_eq!(next(&mut w).await, "Apply:a/s7");
+    let log = s.request_log();
+    assert_eq!(log.len(), 5, "{log:?}");
+    assert!(
+        log[0].ends_with("&limit=2") && !log[0].contains("continue"),
+        "{}",
+        log[0]
+    );
+    for page in &log[1..4] {
+        assert!(page.contains("&limit=2&continue=fake-"), "{page}");
+    }
+    assert!(
+        log[4].contains("watch=true") && log[4].ends_with(&format!("resourceVersion={list_rv}")),
+        "{}",
+        log[4]
+    );
+}
+
+#[tokio::test]
+async fn many_pods_at_once() {
+    let s = server(Duration::ZERO).await;
+    let rv = s.apply_all(pods::ready_sandbox_pods("bulk", "sb", 1000));
+    assert_eq!(rv, 1000);
+    let api: Api<Pod> = Api::namespaced(s.client().unwrap(), "bulk");
+    let all = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(all.items.len(), 1000);
+    let ips: std::collections::HashSet<_> = all
+        .items
+        .iter()
+        .map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap())
+        .collect();
+    assert_eq!(ips.len(), 1000, "every pod has its own IP");
+    let uids: std::collections::HashSet<_> = all.items.iter().map(|p| p.uid().unwrap()).collect();
+    assert_eq!(uids.len(), 1000);
+    let p = s.get("bulk", "sb7").unwrap();
+    assert_eq!(p["metadata"]["labels"][SANDBOX_ID_LABEL], "sb7");
+    assert_eq!(p["status"]["podIP"], "10.0.0.7");
+}

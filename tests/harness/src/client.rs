@@ -118,3 +118,43 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
         b = &b[size + 2..];
     }
 }
+
+/// GET `path` over HTTP/2 with prior knowledge (h2c, as Envoy's `codec_type: AUTO` accepts), with
+/// `authority` as `:authority` (h2 has no Host header) and `headers`.
+pub async fn get_h2(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response> {
+    use http_body_util::{BodyExt, Empty};
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await?);
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(format!("http://{authority}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let fut = send.send_request(req.body(Empty::<bytes::Bytes>::new())?);
+    let resp = tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .context("h2 response timed out")??;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}

@@ -202,6 +202,28 @@ impl Envoy {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends SIGTERM, as the kubelet does once a pod's preStop hook has run, and waits up to
+    /// `timeout` for Envoy to exit. (Through `kill(1)`: the tests forbid unsafe code.)
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        if !status.success() {
+            bail!("kill -TERM {} failed: {status}", self.child.id());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("Envoy still running {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -280,16 +302,30 @@ fn tail(path: &Path) -> String {
 
 /// Minimal blocking GET against Envoy's admin port.
 pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+    Ok(admin_request(admin, "GET", path)?.text())
+}
+
+/// Minimal blocking POST (no body) against Envoy's admin port, e.g. `/healthcheck/fail` or
+/// `/drain_listeners?graceful`; an answer other than 200 is an error.
+pub fn admin_post(admin: SocketAddr, path: &str) -> Result<String> {
+    let r = admin_request(admin, "POST", path)?;
+    if r.status != 200 {
+        bail!("POST {path}: {} {}", r.status, r.text());
+    }
+    Ok(r.text())
+}
+
+fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Result<crate::client::Response> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    Ok(crate::client::parse(&out)?.text())
+    crate::client::parse(&out)
 }
 
 fn listener_addr(admin: SocketAddr, name: &str) -> Result<Option<SocketAddr>> {

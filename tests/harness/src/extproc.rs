@@ -248,6 +248,15 @@ impl crate::gateway::GatewayUnderTest for ExtProcGateway {
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
     }
+    fn counter(&self, name: &str) -> Result<u64> {
+        let text = self.extproc.metrics_text()?;
+        let want = format!("sandbox_extproc_{name}_total ");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64))
+    }
     fn routes_path(&self) -> &Path {
         &self.routes_path
     }

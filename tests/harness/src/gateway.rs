@@ -18,6 +18,9 @@ pub trait GatewayUnderTest: Send + Sync {
     fn set_routes(&self, routes: &[RouteEntry]) -> Result<()> {
         write_routes(self.routes_path(), routes)
     }
+    /// A counter of the gateway's own, by its module name (`miss_holds_displaced`): the
+    /// module's Envoy stat `dynamicmodulescustom.<name>`, or sandbox-extproc's `sandbox_extproc_<name>_total`.
+    fn counter(&self, name: &str) -> Result<u64>;
     /// Overwrites the routes file with arbitrary bytes (a bad edit), atomically.
     fn write_routes_raw(&self, bytes: &[u8]) -> Result<()> {
         let path = self.routes_path();
@@ -136,6 +139,12 @@ impl FilterGateway {
 impl GatewayUnderTest for FilterGateway {
     fn addr(&self) -> SocketAddr {
         self.envoy.listener
+    }
+    fn counter(&self, name: &str) -> Result<u64> {
+        Ok(self
+            .envoy
+            .stat(&format!("dynamicmodulescustom.{name}"))?
+            .unwrap_or(0))
     }
     fn routes_path(&self) -> &Path {
         &self.routes_path

@@ -5,6 +5,10 @@
 //! * `GET /sse?n=N&interval_ms=M` — N server-sent events, M ms apart;
 //! * a WebSocket upgrade on any path — echoes messages, `whoami` names the sandbox;
 //! * `/bench` — a fixed `ok`, kept as cheap as possible for load tests;
+//! * `GET /redirect?to=/p` — a server that builds its URLs from `x-forwarded-prefix`, as web
+//!   frameworks behind a prefix-stripping proxy do: `302` to `<x-forwarded-prefix>/p`;
+//! * `/host-pinned` — a server that pins its Host, as DNS-rebinding protection does: `421`
+//!   unless the Host is `localhost:<its own port>`, else the JSON description below;
 //! * anything else — a JSON description of the request, so tests can check
 //!   what the gateway forwarded (method, path, headers, body length).
 
@@ -52,6 +56,8 @@ pub struct SandboxServer {
 
 struct State {
     name: String,
+    /// The listening port: the only Host `/host-pinned` accepts is `localhost:<port>`.
+    port: u16,
     /// JSON string literal of the name, escaped once instead of per SSE event.
     name_json: String,
 }
@@ -60,6 +66,20 @@ impl SandboxServer {
     /// Binds `bind` (port 0 picks a free port) and serves in the background on
     /// the current tokio runtime.
     pub async fn start(name: &str, bind: SocketAddr) -> anyhow::Result<SandboxServer> {
+        Self::start_with(name, bind, false).await
+    }
+
+    /// Like [`SandboxServer::start`], but the server speaks only HTTP/1.1 (an HTTP/2 preface is
+    /// a protocol error), as many sandbox servers do.
+    pub async fn start_http1_only(name: &str, bind: SocketAddr) -> anyhow::Result<SandboxServer> {
+        Self::start_with(name, bind, true).await
+    }
+
+    async fn start_with(
+        name: &str,
+        bind: SocketAddr,
+        http1_only: bool,
+    ) -> anyhow::Result<SandboxServer> {
         let socket = if bind.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -74,10 +94,11 @@ impl SandboxServer {
         let name_json = serde_json::to_string(name)?;
         let state = Arc::new(State {
             name: name.to_owned(),
+            port: addr.port(),
             name_json,
         });
         let (stop, stopped) = watch::channel(());
-        let accept_task = tokio::spawn(accept_loop(listener, state, stopped));
+        let accept_task = tokio::spawn(accept_loop(listener, state, stopped, http1_only));
         info!(sandbox = %name, %addr, "sandbox listening");
         Ok(SandboxServer {
             addr,
@@ -116,8 +137,17 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, mut stopped: watch::Receiver<()>) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut stopped: watch::Receiver<()>,
+    http1_only: bool,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    let builder = Arc::new(builder);
     loop {
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
@@ -165,7 +195,47 @@ async fn handle(
     if req.uri().path() == "/sse" && req.method() == hyper::Method::GET {
         return Ok(sse(&state, req.uri().query().unwrap_or("")));
     }
+    if req.uri().path() == "/redirect" && req.method() == hyper::Method::GET {
+        return Ok(redirect(&req));
+    }
+    if req.uri().path() == "/host-pinned" && !host_is_pinned(&state, &req) {
+        return Ok(plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            "Invalid Host header",
+        ));
+    }
     Ok(echo(&state, req).await)
+}
+
+/// `302` to `to` (default `/landing`) under the prefix the proxy says it removed.
+fn redirect(req: &Request<Incoming>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("");
+    let to = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "to")
+        .map_or("/landing", |(_, v)| v);
+    let prefix = req
+        .headers()
+        .get("x-forwarded-prefix")
+        .map_or(&b""[..], HeaderValue::as_bytes);
+    let mut location = prefix.to_vec();
+    location.extend_from_slice(to.as_bytes());
+    let Ok(location) = HeaderValue::from_bytes(&location) else {
+        return plain(StatusCode::BAD_REQUEST, "bad redirect target");
+    };
+    let mut resp = plain(StatusCode::FOUND, "redirecting");
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp
+}
+
+/// The Host (HTTP/1 `Host`, or h2's `:authority`) is `localhost:<our port>`.
+fn host_is_pinned(state: &State, req: &Request<Incoming>) -> bool {
+    let host = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    host == Some(format!("localhost:{}", state.port).as_str())
 }
 
 fn wants_websocket(req: &Request<Incoming>) -> bool {
@@ -290,6 +360,8 @@ struct Echo<'a> {
     sandbox: &'a str,
     method: &'a str,
     path: &'a str,
+    /// The protocol the request reached the sandbox with: "HTTP/1.1" or "HTTP/2.0".
+    version: String,
     headers: BTreeMap<&'a str, String>,
     body_len: u64,
 }
@@ -319,6 +391,7 @@ async fn echo(state: &State, req: Request<Incoming>) -> Response<Body> {
         sandbox: &state.name,
         method: parts.method.as_str(),
         path: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        version: format!("{:?}", parts.version),
         headers: headers.collect(),
         body_len,
     };
@@ -406,6 +479,38 @@ mod tests {
             assert_eq!(event["seq"], i);
             assert_eq!(event["sandbox"], "sb-test");
         }
+    }
+
+    #[tokio::test]
+    async fn redirect_builds_its_location_from_the_forwarded_prefix() {
+        let server = start().await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, get("/redirect?to=/api/kernels")).await;
+        assert_eq!(resp.status(), StatusCode::FOUND);
+        assert_eq!(resp.headers()[header::LOCATION], "/api/kernels");
+        let req = Request::get("/redirect")
+            .header("host", "sandbox")
+            .header("x-forwarded-prefix", "/sandboxes/a/80")
+            .body(Full::default())
+            .unwrap();
+        let resp = send(&mut conn, req).await;
+        assert_eq!(resp.headers()[header::LOCATION], "/sandboxes/a/80/landing");
+    }
+
+    #[tokio::test]
+    async fn host_pinned_accepts_only_its_localhost_host() {
+        let server = start().await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, get("/host-pinned")).await;
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+        let req = Request::get("/host-pinned")
+            .header("host", format!("localhost:{}", server.addr.port()))
+            .body(Full::default())
+            .unwrap();
+        let resp = send(&mut conn, req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(json["path"], "/host-pinned");
     }
 
     #[tokio::test]

@@ -2,11 +2,18 @@
 //! `GatewayUnderTest` so every deployment mode (module, ext_proc) runs the same cases through a
 //! real Envoy. A mode's test file includes this module (`mod cases;`) and invokes
 //! [`shared_cases!`] once. Single requests (routing, errors, security) are in `requests`; long
-//! streams and route changes in `streams`; the helpers both use are here.
+//! streams and route changes in `streams`; what the upstream is told (prefix, Host) in
+//! `forwarding`; the helpers they use are here.
 
+mod forwarding;
+mod load;
+mod protocols;
 mod requests;
 mod streams;
 
+pub use forwarding::*;
+pub use load::*;
+pub use protocols::*;
 pub use requests::*;
 pub use streams::*;
 
@@ -25,6 +32,7 @@ macro_rules! shared_cases {
         $crate::cases::shared_cases!(@each $starter;
             header_host_and_path_routing,
             local_replies_are_json,
+            readiness_probe_names_no_sandbox,
             client_cannot_choose_the_upstream,
             websocket_through_the_gateway,
             sse_streams_without_buffering,
@@ -33,6 +41,17 @@ macro_rules! shared_cases {
             hostile_input_gets_400,
             open_websocket_survives_route_removal,
             e2b_preset_leaves_envds_token_alone,
+            grpc_through_the_gateway,
+            http2_client_reaches_an_http1_sandbox,
+            upstream_failures_are_json,
+            hung_sandbox_cannot_starve_a_healthy_one,
+            more_websockets_than_envoys_defaults,
+            junk_flood_cannot_take_the_hold_from_a_new_claim,
+            silent_connections_close_but_idle_websockets_stay,
+            url_building_server_behind_the_path_prefix,
+            keep_path_mode_forwards_the_path_unchanged,
+            host_pinned_server_with_upstream_host,
+            mcp_server_over_sse_through_the_gateway,
         );
     };
     (@each $starter:path; $($name:ident),* $(,)?) => {

@@ -3,6 +3,7 @@
 
 use super::{expect_error, sandboxes, served_by, Starter, SECRET_SHA256};
 use anyhow::{ensure, Context, Result};
+use routing::decide::READY_PATH;
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::gateway::RouteEntry;
 use serde_json::json;
@@ -162,6 +163,59 @@ pub async fn local_replies_are_json(start: &Starter) -> Result<()> {
     Ok(())
 }
 
+/// The readiness path: the gateway's own answer where the request names no sandbox (a file
+/// source is synced once loaded), the sandbox's wherever a request names one.
+pub async fn readiness_probe_names_no_sandbox(start: &Starter) -> Result<()> {
+    let sb = sandboxes(&["one"]).await?;
+    let gw = start(
+        &[
+            RouteEntry::new("alpha", sb[0].addr),
+            RouteEntry::new("sleepy", sb[0].addr).not_ready(),
+        ],
+        json!({}),
+    )?;
+    let a = gw.addr();
+    for path in [READY_PATH, &format!("{READY_PATH}?from=kubelet")] {
+        let r = client::get(a, path, &[]).await?;
+        ensure!(r.status == 200, "{path}: {} {}", r.status, r.text());
+        ensure!(r.header("content-type") == Some("application/json"));
+        ensure!(
+            r.json() == json!({"ready": true, "routes": 2}),
+            "{}",
+            r.text()
+        );
+    }
+    let head = format!("HEAD {READY_PATH} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+    let r = client::send_raw(a, head.as_bytes()).await?;
+    ensure!(r.status == 200 && r.body.is_empty(), "HEAD: {}", r.status);
+    // Any other method, or a neighbouring path, names no sandbox either: 400 as before.
+    let post = format!(
+        "POST {READY_PATH} HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    expect_error(
+        &client::send_raw(a, post.as_bytes()).await?,
+        400,
+        "missing_sandbox_id",
+    )?;
+    let r = client::get(a, &format!("{READY_PATH}z"), &[]).await?;
+    expect_error(&r, 400, "missing_sandbox_id")?;
+    // Named by header, Host or path prefix, the same path belongs to the sandbox.
+    let r = client::get(a, READY_PATH, &[("x-sandbox-id", "alpha")]).await?;
+    ensure!(
+        r.status == 200 && served_by(&r) == "one" && r.json()["path"] == READY_PATH,
+        "header: {}",
+        r.text()
+    );
+    let r = client::get(a, READY_PATH, &[("host", "alpha.sandbox.test")]).await?;
+    ensure!(served_by(&r) == "one", "host: {}", r.text());
+    let path = format!("/sandboxes/alpha/{}{READY_PATH}", sb[0].addr.port());
+    let r = client::get(a, &path, &[]).await?;
+    ensure!(r.json()["path"] == READY_PATH, "path: {}", r.text());
+    let r = client::get(a, READY_PATH, &[("x-sandbox-id", "sleepy")]).await?;
+    expect_error(&r, 503, "sandbox_not_ready")?;
+    Ok(())
+}
+
 /// A listener that only counts connections: nothing may ever reach it.
 async fn victim() -> Result<(SocketAddr, Arc<AtomicUsize>)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -232,19 +286,25 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
     let a = gw.addr();
     let long_id = "a".repeat(8000);
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", &long_id)]).await?,
+        &client::get(a, "/", &[("x-sandbox-id", &long_id)])
+            .await
+            .context("8000-byte id")?,
         400,
         "invalid_sandbox_id",
     )?;
     let huge = "b".repeat(50_000);
     expect_error(
-        &client::get(a, "/", &[("x-sandbox-id", &huge)]).await?,
+        &client::get(a, "/", &[("x-sandbox-id", &huge)])
+            .await
+            .context("50000-byte id")?,
         400,
         "invalid_sandbox_id",
     )?;
     let long_host = format!("{}.sandbox.test", "c".repeat(10_000));
     expect_error(
-        &client::get(a, "/", &[("host", &long_host)]).await?,
+        &client::get(a, "/", &[("host", &long_host)])
+            .await
+            .context("10000-byte host")?,
         400,
         "invalid_sandbox_id",
     )?;
@@ -280,7 +340,9 @@ pub async fn hostile_input_gets_400(start: &Starter) -> Result<()> {
         "oversized headers must not be routed"
     );
     // Still up and routing.
-    let r = client::get(a, "/", &[("x-sandbox-id", "alpha")]).await?;
+    let r = client::get(a, "/", &[("x-sandbox-id", "alpha")])
+        .await
+        .context("a good request after the hostile ones")?;
     ensure!(r.status == 200 && served_by(&r) == "one");
     Ok(())
 }
