@@ -24,6 +24,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resource};
@@ -156,6 +157,10 @@ const KINDS: &[(&str, Check)] = &[
     (Deployment::KIND, check_kind::<Deployment>),
     (Service::KIND, check_kind::<Service>),
     (PodDisruptionBudget::KIND, check_kind::<PodDisruptionBudget>),
+    (
+        CustomResourceDefinition::KIND,
+        check_kind::<CustomResourceDefinition>,
+    ),
 ];
 
 /// Every object of kind `K` under deploy/, typed.
