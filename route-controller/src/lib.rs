@@ -7,9 +7,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod claim;
+pub mod conditions;
+pub mod context;
 pub mod crd;
 pub mod decide;
+pub mod error;
 pub mod ids;
+pub mod leader;
+pub mod metrics;
+pub mod pods;
+pub mod pool;
+pub mod release;
+pub mod sandbox;
 pub mod spec;
 
 use kube::CustomResourceExt;

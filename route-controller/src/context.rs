@@ -1,0 +1,232 @@
+//! What every reconcile shares: the client, the watch caches, the leader fence, the metrics and
+//! the per-pool bookkeeping (expectations, refill budget, pods reserved by claims in flight).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource};
+
+use crate::crd::{Sandbox, SandboxPool};
+use crate::decide::pool::{CreateBudget, Expectations};
+use crate::leader::Leadership;
+use crate::metrics::Metrics;
+
+/// Where the sandbox-extproc replicas are.
+#[derive(Debug, Clone)]
+pub enum Replicas {
+    /// A fixed list of gRPC endpoints (`http://host:port`).
+    Static(Vec<String>),
+    /// Every endpoint of a headless Service's EndpointSlices (ready, serving or terminating).
+    Service {
+        namespace: String,
+        name: String,
+        port: u16,
+    },
+}
+
+/// Controller settings (flags, parsed once).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Manage only this namespace (`None`: all).
+    pub namespace: Option<String>,
+    /// The gateway URL of a sandbox, with `{id}` and `{port}` (e.g.
+    /// `https://{port}-{id}.sandboxes.example.com`); `None`: no `status.url`.
+    pub url_template: Option<String>,
+    /// How often the idle pass runs.
+    pub idle_interval: Duration,
+    /// The ActivityService replicas (`None`: no idle reclaim).
+    pub replicas: Option<Replicas>,
+    /// Bearer token for the ActivityService.
+    pub activity_token: Option<String>,
+    /// Deadline of one `GetLastActive` call.
+    pub query_timeout: Duration,
+    /// How long a pod created or deleted may stay unseen in the watch before it is assumed lost.
+    pub expectation_timeout: Duration,
+    /// Pool pod creations per second, per pool, and the burst.
+    pub refill_rate: f64,
+    pub refill_burst: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            namespace: None,
+            url_template: None,
+            idle_interval: Duration::from_secs(10),
+            replicas: None,
+            activity_token: None,
+            query_timeout: Duration::from_secs(5),
+            expectation_timeout: Duration::from_secs(30),
+            refill_rate: 50.0,
+            refill_burst: 100,
+        }
+    }
+}
+
+/// A pool's bookkeeping between reconciles.
+#[derive(Debug)]
+pub struct PoolState {
+    pub expectations: Expectations,
+    pub budget: CreateBudget,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub cfg: Config,
+    pub pods: Store<Pod>,
+    pub pools: Store<SandboxPool>,
+    pub sandboxes: Store<Sandbox>,
+    pub metrics: Arc<Metrics>,
+    pub leader: Arc<Leadership>,
+    pub recorder: Recorder,
+    pools_state: Mutex<HashMap<(String, String), PoolState>>,
+    /// UIDs of pods a claim in this process is binding (so concurrent claims pick different
+    /// pods instead of racing to a 409).
+    reserved: Mutex<HashSet<String>>,
+    /// IDs this replica released (never drawn again while it runs).
+    released_ids: Mutex<HashSet<String>>,
+    /// Each activity endpoint's eviction count at the previous idle pass.
+    pub evicted_seen: Mutex<HashMap<String, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        cfg: Config,
+        pods: Store<Pod>,
+        pools: Store<SandboxPool>,
+        sandboxes: Store<Sandbox>,
+        metrics: Arc<Metrics>,
+        leader: Arc<Leadership>,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "sandbox-controller".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Arc::new(Context {
+            client,
+            cfg,
+            pods,
+            pools,
+            sandboxes,
+            metrics,
+            leader,
+            recorder,
+            pools_state: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashSet::new()),
+            released_ids: Mutex::new(HashSet::new()),
+            evicted_seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs `f` on a pool's bookkeeping (created on first use).
+    pub fn with_pool<R>(&self, ns: &str, name: &str, f: impl FnOnce(&mut PoolState) -> R) -> R {
+        let mut all = lock(&self.pools_state);
+        let cfg = &self.cfg;
+        let st = all
+            .entry((ns.to_string(), name.to_string()))
+            .or_insert_with(|| PoolState {
+                expectations: Expectations::default(),
+                budget: CreateBudget::new(cfg.refill_rate, cfg.refill_burst, now_ms()),
+            });
+        f(st)
+    }
+
+    pub fn forget_pool(&self, ns: &str, name: &str) {
+        lock(&self.pools_state).remove(&(ns.to_string(), name.to_string()));
+    }
+
+    /// Reserves a pod for a claim in flight; false when another claim has it.
+    pub fn reserve(&self, uid: &str) -> bool {
+        lock(&self.reserved).insert(uid.to_string())
+    }
+
+    pub fn unreserve(&self, uid: &str) {
+        lock(&self.reserved).remove(uid);
+    }
+
+    pub fn reserved(&self) -> HashSet<String> {
+        lock(&self.reserved).clone()
+    }
+
+    pub fn note_released(&self, id: &str) {
+        lock(&self.released_ids).insert(id.to_string());
+    }
+
+    /// Whether an ID is in use or was: on a pod, in a `Sandbox`'s status, or released here.
+    pub fn id_taken(&self, id: &str) -> bool {
+        use routing::contract::SANDBOX_ID_LABEL;
+        lock(&self.released_ids).contains(id)
+            || self
+                .pods
+                .find(|p| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SANDBOX_ID_LABEL))
+                        .is_some_and(|v| v == id)
+                })
+                .is_some()
+            || self
+                .sandboxes
+                .find(|s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|st| st.sandbox_id.as_deref())
+                        .is_some_and(|v| v == id)
+                })
+                .is_some()
+    }
+
+    /// Sends an Event about `obj` from a background task (never on a claim's critical path).
+    pub fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        if self.leader.check().is_err() {
+            return; // Events are writes too: a replica that does not lead sends none.
+        }
+        let reference = obj.object_ref(&());
+        let recorder = self.recorder.clone();
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        });
+    }
+}

@@ -1,0 +1,184 @@
+//! Wiring: the shared watch caches, the two controllers, the idle pass and leader election.
+//!
+//! One pod watch (every pod carrying the pool label) feeds the claim cache and triggers both
+//! controllers: a pool reconciles when its pods change; a sandbox reconciles when its pod
+//! changes and, while it waits for a warm pod, when a pod of its pool changes (waiting is
+//! watch-driven, never a poll). Every replica runs the caches; only the leader writes.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+
+use crate::context::{Config, Context};
+use crate::crd::{Phase, Sandbox, SandboxPool, POOL_LABEL};
+use crate::leader::Leadership;
+use crate::metrics::Metrics;
+use crate::pods::{is_claimed, sandbox_owner};
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Sandboxes to reconcile when a pod changes: its owner, and the pending sandboxes of its pool
+/// when it may have become warm.
+fn pod_to_sandboxes(pod: &Pod, sandboxes: &Store<Sandbox>) -> Vec<ObjectRef<Sandbox>> {
+    let ns = pod.namespace().unwrap_or_default();
+    if let Some(uid) = sandbox_owner(pod) {
+        return sandboxes
+            .find(|s| s.uid().as_deref() == Some(uid))
+            .map(|s| ObjectRef::from_obj(&*s))
+            .into_iter()
+            .collect();
+    }
+    if is_claimed(pod) {
+        return Vec::new();
+    }
+    let Some(pool) = pod.labels().get(POOL_LABEL) else {
+        return Vec::new();
+    };
+    sandboxes
+        .state_filter(|s| {
+            s.namespace().as_deref() == Some(&ns)
+                && &s.spec.pool_ref == pool
+                && s.status
+                    .as_ref()
+                    .is_none_or(|st| st.phase == Phase::Pending && st.pod_uid.is_none())
+        })
+        .iter()
+        .map(|s| ObjectRef::from_obj(&**s))
+        .collect()
+}
+
+/// Runs the controllers until they stop. `ready` fires once every cache has synced.
+pub async fn run(
+    client: Client,
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    leader: Arc<Leadership>,
+) -> anyhow::Result<()> {
+    let ns = cfg.namespace.clone();
+    let ns = ns.as_deref();
+    let pod_cfg = watcher::Config::default().labels(POOL_LABEL);
+
+    let (pods, pod_writer) = reflector::store_shared::<Pod>(1024);
+    let pod_sub_pools = pod_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pod store"))?;
+    let pod_sub_sbx = pod_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pod store"))?;
+    let pod_watch = watcher(api::<Pod>(&client, ns), pod_cfg)
+        .default_backoff()
+        .reflect_shared(pod_writer)
+        .for_each(|_| std::future::ready(()));
+
+    let (pools, pool_writer) = reflector::store_shared::<SandboxPool>(256);
+    let pool_sub = pool_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pool store"))?;
+    let pool_sub_sbx = pool_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pool store"))?;
+    let pool_watch = watcher(api::<SandboxPool>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(pool_writer)
+        .for_each(|_| std::future::ready(()));
+
+    let (sandboxes, sbx_writer) = reflector::store_shared::<Sandbox>(1024);
+    let sbx_sub = sbx_writer.subscribe().ok_or_else(|| anyhow::anyhow!("sandbox store"))?;
+    let sbx_watch = watcher(api::<Sandbox>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(sbx_writer)
+        .for_each(|_| std::future::ready(()));
+
+    let ctx = Context::new(
+        client.clone(),
+        cfg.clone(),
+        pods.clone(),
+        pools.clone(),
+        sandboxes.clone(),
+        metrics.clone(),
+        leader.clone(),
+    );
+
+    let ctl_cfg = ControllerConfig::default().concurrency(64);
+    let pool_ctl = Controller::for_shared_stream(pool_sub, pools.clone())
+        .with_config(ctl_cfg.clone())
+        .watches_shared_stream(pod_sub_pools, |pod: Arc<Pod>| {
+            let ns = pod.namespace().unwrap_or_default();
+            pod.labels()
+                .get(POOL_LABEL)
+                .map(|p| ObjectRef::<SandboxPool>::new(p).within(&ns))
+        })
+        .run(crate::pool::reconcile, crate::pool::error_policy, ctx.clone())
+        .for_each(|_| std::future::ready(()));
+
+    let sbx_store = sandboxes.clone();
+    let sbx_store2 = sandboxes.clone();
+    let secret_cfg = watcher::Config::default().labels(crate::crd::SANDBOX_NAME_ANNOTATION);
+    let sbx_ctl = Controller::for_shared_stream(sbx_sub, sandboxes.clone())
+        .with_config(ctl_cfg)
+        .watches_shared_stream(pod_sub_sbx, move |pod: Arc<Pod>| {
+            pod_to_sandboxes(&pod, &sbx_store)
+        })
+        .watches_shared_stream(pool_sub_sbx, move |pool: Arc<SandboxPool>| {
+            let ns = pool.namespace().unwrap_or_default();
+            let name = pool.name_any();
+            sbx_store2
+                .state_filter(|s| s.namespace().as_deref() == Some(&ns) && s.spec.pool_ref == name)
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
+        .owns(api::<Secret>(&client, ns), secret_cfg)
+        .run(crate::sandbox::reconcile, crate::sandbox::error_policy, ctx.clone())
+        .for_each(|_| std::future::ready(()));
+
+    let ready = {
+        let (pods, pools, sandboxes) = (pods.clone(), pools.clone(), sandboxes.clone());
+        let metrics = metrics.clone();
+        async move {
+            let _ = pods.wait_until_ready().await;
+            let _ = pools.wait_until_ready().await;
+            let _ = sandboxes.wait_until_ready().await;
+            metrics.set_ready();
+            tracing::info!("caches synced");
+            std::future::pending::<()>().await
+        }
+    };
+    let idle = crate::idle::run(ctx.clone());
+    // Standbys keep their caches warm and write nothing; the controllers start on winning the
+    // Lease (a replica that loses it exits: see main).
+    let leading = {
+        let mut rx = leader.subscribe();
+        async move {
+            let _ = rx.wait_for(|leading| *leading).await;
+        }
+    };
+    let controllers = async move {
+        leading.await;
+        tracing::info!("leading: controllers started");
+        tokio::select! {
+            _ = pool_ctl => {}
+            _ = sbx_ctl => {}
+            _ = idle => {}
+        }
+    };
+
+    tokio::select! {
+        _ = pod_watch => {}
+        _ = pool_watch => {}
+        _ = sbx_watch => {}
+        _ = controllers => {}
+        _ = ready => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! The `Sandbox` reconcile: add the finalizer, claim a pod, watch it turn Ready, and release
+//! the sandbox when it is deleted, expires, loses its pod or its pool, or the idle pass marked it
+//! idle (`Releasing`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::claim::{bind_cold, bind_warm, bound_status, ensure_token, record, token_hash, Bound};
+use crate::conditions::{clear_condition, set_condition};
+use crate::context::{now_ms, Context};
+use crate::crd::{Launch, OnEmpty, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER};
+use crate::error::{is_not_found, Error, Result};
+use crate::pods::{ready_since_ms, sandbox_owner};
+use crate::release::{drop_finalizer, release};
+use crate::spec::{PoolSettings, SandboxSettings};
+
+fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
+    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
+}
+
+/// Reconciles one sandbox.
+pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    if sbx.metadata.deletion_timestamp.is_some() {
+        if sbx.finalizers().iter().any(|f| f == FINALIZER) {
+            ctx.leader.check()?;
+            release(&ctx, &sbx, ReleaseReason::Deleted).await?;
+            drop_finalizer(&ctx, &sbx).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    ctx.leader.check()?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let sbx: Arc<Sandbox> = if sbx.finalizers().iter().any(|f| f == FINALIZER) {
+        sbx
+    } else {
+        let mut f = sbx.finalizers().to_vec();
+        f.push(FINALIZER.to_string());
+        let patch = json!({ "metadata": {
+            "finalizers": f, "resourceVersion": sbx.resource_version() }});
+        Arc::new(
+            api.patch(&sbx.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?,
+        )
+    };
+    let status = sbx.status.clone().unwrap_or_default();
+    match status.phase {
+        Phase::Released | Phase::Failed => Ok(Action::await_change()),
+        Phase::Releasing => {
+            let reason = status.release_reason.unwrap_or(ReleaseReason::Idle);
+            release(&ctx, &sbx, reason).await?;
+            Ok(Action::await_change())
+        }
+        Phase::Pending if status.pod_uid.is_none() => claim(&ctx, &sbx).await,
+        Phase::Pending | Phase::Ready => watch_bound(&ctx, &sbx).await,
+    }
+}
+
+fn pool_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Option<Arc<SandboxPool>> {
+    ctx.pools
+        .get(&ObjectRef::new(&sbx.spec.pool_ref).within(ns))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+}
+
+/// Writes conditions onto a sandbox that stays where it is (nothing else changes).
+async fn hold(
+    ctx: &Context,
+    sbx: &Sandbox,
+    phase: Phase,
+    cond: &str,
+    reason: &str,
+    msg: String,
+) -> Result<()> {
+    let mut st = sbx.status.clone().unwrap_or_default();
+    let changed = set_condition(
+        &mut st.conditions,
+        sbx.metadata.generation,
+        cond,
+        true,
+        reason,
+        &msg,
+    ) || st.phase != phase;
+    if !changed {
+        return Ok(());
+    }
+    st.phase = phase;
+    ctx.event(sbx, true, reason, "Claim", msg);
+    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.leader.check()?;
+    api.patch_status(
+        &sbx.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": st })),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
+    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let pool_name = sbx.spec.pool_ref.clone();
+    let Some(pool) = pool_of(ctx, sbx, &ns) else {
+        let msg = format!("SandboxPool {ns}/{pool_name} does not exist");
+        hold(ctx, sbx, Phase::Pending, "PoolMissing", "PoolMissing", msg).await?;
+        return Ok(Action::await_change());
+    };
+    let settings = match PoolSettings::resolve(&pool.spec)
+        .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p).map(|s| (p, s)))
+    {
+        Ok(s) => s,
+        Err(invalid) => {
+            hold(ctx, sbx, Phase::Pending, "Invalid", "Invalid", invalid.to_string()).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let (pool_settings, settings) = settings;
+    let token = if settings.require_token {
+        Some(ensure_token(ctx, sbx).await?)
+    } else {
+        None
+    };
+    let token_sha = token_hash(&settings, token.as_deref());
+    let id = crate::ids::new_unique_id(|c| ctx.id_taken(c))?;
+    let mut bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
+    if matches!(bound, Bound::Empty) {
+        let age_ms = now_ms().saturating_sub(
+            sbx.metadata.creation_timestamp.as_ref().map_or(0, ms),
+        );
+        let wait_ms = u64::try_from(pool_settings.claim_wait.as_millis()).unwrap_or(u64::MAX);
+        match pool_settings.on_empty {
+            OnEmpty::Cold => {
+                bound = bind_cold(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
+            }
+            OnEmpty::Wait if age_ms < wait_ms => {
+                ctx.metrics
+                    .claims
+                    .with_label_values(&[&pool_name, "none", "empty"])
+                    .inc();
+                // A pool pod turning warm re-triggers this reconcile (the pod watch maps it to
+                // the pool's pending sandboxes); the requeue is the claimWait bound.
+                return Ok(Action::requeue(Duration::from_millis(wait_ms - age_ms)));
+            }
+            OnEmpty::Wait | OnEmpty::Fail => {
+                ctx.metrics
+                    .claims
+                    .with_label_values(&[&pool_name, "none", "failed"])
+                    .inc();
+                let msg = format!("pool {pool_name} had no warm sandbox");
+                hold(ctx, sbx, Phase::Failed, "Ready", "PoolEmpty", msg).await?;
+                return Ok(Action::await_change());
+            }
+        }
+    }
+    let Bound::Pod(pod, launch) = bound else {
+        return Ok(Action::await_change());
+    };
+    let prev = sbx.status.clone().unwrap_or_default();
+    let secret = token.as_ref().map(|_| crate::claim::secret_name(sbx));
+    let mut st = bound_status(ctx, &prev, &pod, launch, &id, &settings, secret);
+    clear_condition(&mut st.conditions, "PoolMissing");
+    clear_condition(&mut st.conditions, "Invalid");
+    if !record(ctx, sbx, &pod, st.clone()).await? {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+    let launch_label = if launch == Launch::Warm { "warm" } else { "cold" };
+    ctx.metrics
+        .claims
+        .with_label_values(&[&pool_name, launch_label, "bound"])
+        .inc();
+    if st.phase == Phase::Ready {
+        observe_ready(ctx, sbx, launch_label);
+    }
+    ctx.metrics
+        .transitions
+        .with_label_values(&["Pending", &format!("{:?}", st.phase)])
+        .inc();
+    ctx.event(
+        sbx,
+        false,
+        "Claimed",
+        "Claim",
+        format!("bound pod {} ({launch_label}) as sandbox {id}", pod.name_any()),
+    );
+    Ok(next_check(&settings, &st))
+}
+
+fn observe_ready(ctx: &Context, sbx: &Sandbox, launch: &str) {
+    let created = sbx.metadata.creation_timestamp.as_ref().map_or(0, ms);
+    let secs = now_ms().saturating_sub(created) as f64 / 1000.0;
+    ctx.metrics
+        .claim_seconds
+        .with_label_values(&[launch])
+        .observe(secs);
+}
+
+/// When to look again: at the lifetime's end (pod and pool changes trigger on their own).
+fn next_check(settings: &SandboxSettings, st: &crate::crd::SandboxStatus) -> Action {
+    match (settings.max_lifetime, st.claimed_at.as_ref()) {
+        (Some(max), Some(at)) => {
+            let end = ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+            Action::requeue(Duration::from_millis(end.saturating_sub(now_ms()).max(10)))
+        }
+        _ => Action::requeue(Duration::from_secs(300)),
+    }
+}
+
+/// A bound sandbox: turn Ready with its pod, expire, or release when the pod or pool is gone.
+async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
+    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let mut st = sbx.status.clone().unwrap_or_default();
+    let Some(pool) = pool_of(ctx, sbx, &ns) else {
+        release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
+        return Ok(Action::await_change());
+    };
+    let settings = PoolSettings::resolve(&pool.spec)
+        .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
+    let Ok(settings) = settings else {
+        // The pool or the overrides became invalid after the claim: keep serving as bound.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    if let (Some(max), Some(at)) = (settings.max_lifetime, st.claimed_at.as_ref()) {
+        if now_ms().saturating_sub(ms(at)) >= u64::try_from(max.as_millis()).unwrap_or(u64::MAX) {
+            release(ctx, sbx, ReleaseReason::Expired).await?;
+            return Ok(Action::await_change());
+        }
+    }
+    let name = st.pod_name.clone().unwrap_or_default();
+    let pod: Option<Arc<Pod>> = ctx.pods.get(&ObjectRef::new(&name).within(&ns));
+    let uid = sbx.uid();
+    let alive = pod.as_ref().filter(|p| {
+        p.uid() == st.pod_uid
+            && sandbox_owner(p) == uid.as_deref()
+            && p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Failed") | Some("Succeeded")
+            )
+    });
+    let Some(pod) = alive else {
+        // Confirm with the API server before releasing: the cache may lag our own claim.
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        match pods.get(&name).await {
+            Ok(p) if p.uid() == st.pod_uid && p.metadata.deletion_timestamp.is_none()
+                && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Failed") | Some("Succeeded")) =>
+            {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        release(ctx, sbx, ReleaseReason::PodFailed).await?;
+        return Ok(Action::await_change());
+    };
+    let mut changed = false;
+    if st.phase == Phase::Pending && ready_since_ms(pod).is_some() {
+        st.phase = Phase::Ready;
+        st.ready_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+        st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        changed = true;
+        let launch = if st.launch == Some(Launch::Cold) { "cold" } else { "warm" };
+        observe_ready(ctx, sbx, launch);
+        ctx.metrics
+            .transitions
+            .with_label_values(&["Pending", "Ready"])
+            .inc();
+    }
+    if settings.require_token {
+        if let Some(secret) = st.token_secret.clone() {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            let missing = matches!(secrets.get(&secret).await, Err(ref e) if is_not_found(e));
+            if missing {
+                let msg = format!(
+                    "the token Secret {secret} was deleted: the sandbox keeps its token, \
+                     which nobody can read back; delete the Sandbox to get a new one"
+                );
+                if set_condition(
+                    &mut st.conditions,
+                    sbx.metadata.generation,
+                    "TokenMissing",
+                    true,
+                    "SecretDeleted",
+                    &msg,
+                ) {
+                    ctx.event(sbx, true, "TokenMissing", "Check", msg);
+                    changed = true;
+                }
+            } else {
+                changed |= clear_condition(&mut st.conditions, "TokenMissing");
+            }
+        }
+    }
+    if changed {
+        ctx.leader.check()?;
+        let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &sbx.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": st })),
+        )
+        .await?;
+    }
+    Ok(next_check(&settings, &st))
+}
+
+/// The error policy of the sandbox controller: count, log, retry soon.
+pub fn error_policy(sbx: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&["sandbox", err.metric_label()])
+        .inc();
+    if !matches!(err, Error::NotLeader) {
+        tracing::warn!(sandbox = %sbx.name_any(), error = %err, "sandbox reconcile failed");
+    }
+    Action::requeue(err.retry_after())
+}
