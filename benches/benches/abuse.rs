@@ -271,7 +271,8 @@ fn i_of(c: Condition) -> usize {
 
 enum Gateway {
     Filter(FilterGateway),
-    ExtProc(ExtProcGateway),
+    // Boxed: the ext_proc gateway (Envoy + sandbox-extproc handles) is much larger.
+    ExtProc(Box<ExtProcGateway>),
 }
 
 impl Gateway {
@@ -279,14 +280,14 @@ impl Gateway {
         let cfg = json!({"miss_hold_ms": MISS_HOLD_MS, "max_held_misses": MAX_HELD});
         Ok(match mode {
             Mode::Filter => Gateway::Filter(FilterGateway::start(routes, cfg)?),
-            Mode::Extproc => Gateway::ExtProc(ExtProcGateway::start(routes, cfg)?),
+            Mode::Extproc => Gateway::ExtProc(Box::new(ExtProcGateway::start(routes, cfg)?)),
         })
     }
 
     fn under_test(&self) -> &dyn GatewayUnderTest {
         match self {
             Gateway::Filter(g) => g,
-            Gateway::ExtProc(g) => g,
+            Gateway::ExtProc(g) => &**g,
         }
     }
 

@@ -64,6 +64,8 @@ async fn main() -> Result<()> {
             .add_service(ActivityServiceServer::new(ActivitySvc {
                 activity: Arc::clone(&activity),
                 shutdown: stop_rx,
+                // Unauthenticated: the bench measures the aggregate and the encoding.
+                token: None,
             }))
             .serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

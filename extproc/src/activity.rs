@@ -8,6 +8,7 @@ use proto::v1::{
     GetLastActiveRequest, GetLastActiveResponse, ReportRequest, ReportResponse, SandboxActivity,
 };
 use routing::activity::now_ms;
+use routing::bearer::BearerToken;
 use routing::RouteTable;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +75,8 @@ impl Activity {
         let mut resp = GetLastActiveResponse {
             replica: self.replica.clone(),
             collecting_since_ms: self.started_ms,
+            evicted_total: self.agg.evicted(),
+            last_eviction_ms: self.agg.last_eviction_ms(),
             ..Default::default()
         };
         if ids.is_empty() {
@@ -109,6 +112,8 @@ pub struct ActivitySvc {
     pub activity: Arc<Activity>,
     /// Flips to true on shutdown: open Report streams end so reporters move to another replica.
     pub shutdown: watch::Receiver<bool>,
+    /// Required on every call when set (`--activity-token-file`; see auth.rs).
+    pub token: Option<BearerToken>,
 }
 
 /// Largest ID list one GetLastActive may ask for.
@@ -120,6 +125,13 @@ impl ActivityService for ActivitySvc {
         &self,
         request: Request<Streaming<ReportRequest>>,
     ) -> Result<Response<ReportResponse>, Status> {
+        // Before the first message is read: a refused stream records nothing.
+        crate::auth::authorize(
+            self.token.as_ref(),
+            &self.activity.metrics,
+            "Report",
+            &request,
+        )?;
         let peer = request.remote_addr();
         let mut stream = request.into_inner();
         let mut shutdown = self.shutdown.clone();
@@ -172,6 +184,12 @@ impl ActivityService for ActivitySvc {
         &self,
         request: Request<GetLastActiveRequest>,
     ) -> Result<Response<GetLastActiveResponse>, Status> {
+        crate::auth::authorize(
+            self.token.as_ref(),
+            &self.activity.metrics,
+            "GetLastActive",
+            &request,
+        )?;
         let ids = request.into_inner().sandbox_ids;
         if ids.len() > MAX_QUERY_IDS {
             return Err(Status::invalid_argument(format!(

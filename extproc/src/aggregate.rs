@@ -31,6 +31,8 @@ pub struct Aggregator {
     max_entries: usize,
     forget_after: Duration,
     evicted: AtomicU64,
+    /// Unix ms of the latest eviction (0: never); answered in GetLastActive.
+    last_eviction_ms: AtomicU64,
     forgotten: AtomicU64,
 }
 
@@ -41,6 +43,7 @@ impl Aggregator {
             max_entries: max_entries.max(1),
             forget_after,
             evicted: AtomicU64::new(0),
+            last_eviction_ms: AtomicU64::new(0),
             forgotten: AtomicU64::new(0),
         }
     }
@@ -104,6 +107,12 @@ impl Aggregator {
             true
         });
         self.evicted.fetch_add(k as u64, Ordering::Relaxed);
+        // Precise clock, not the coarse one: this is rare, and callers compare it across passes.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        self.last_eviction_ms
+            .fetch_max(now.max(1), Ordering::Relaxed);
         tracing::warn!(
             evicted = k,
             max_entries = self.max_entries,
@@ -153,6 +162,11 @@ impl Aggregator {
 
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Unix ms of the latest eviction, 0 if none.
+    pub fn last_eviction_ms(&self) -> u64 {
+        self.last_eviction_ms.load(Ordering::Relaxed)
     }
 
     pub fn forgotten(&self) -> u64 {

@@ -3,6 +3,7 @@
 
 use proto::v1::activity_service_client::ActivityServiceClient;
 use proto::v1::GetLastActiveRequest;
+use routing::bearer::{BearerToken, AUTHORIZATION};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,8 @@ pub enum CliError {
         endpoint: String,
         source: tonic::transport::Error,
     },
+    #[error("the bearer token cannot be sent as gRPC metadata")]
+    Token,
     #[error("{endpoint}: {source}")]
     Call {
         endpoint: String,
@@ -26,6 +29,11 @@ pub struct ReplicaAnswer {
     pub endpoint: String,
     pub replica: String,
     pub collecting_since_ms: u64,
+    /// Entries the replica dropped since it started (table full); a change between two passes
+    /// means it may have lost a sandbox's activity.
+    pub evicted_total: u64,
+    /// Unix ms of its latest eviction, 0 = never.
+    pub last_eviction_ms: u64,
 }
 
 /// The merged view: per sandbox, the max over every replica that answered.
@@ -43,7 +51,11 @@ pub async fn last_active(
     endpoints: &[String],
     ids: &[String],
     timeout: Duration,
+    token: Option<&BearerToken>,
 ) -> Result<LastActive, CliError> {
+    let auth: Option<tonic::metadata::AsciiMetadataValue> = token
+        .map(|t| t.authorization().parse().map_err(|_| CliError::Token))
+        .transpose()?;
     let mut out = LastActive::default();
     let mut unknown: BTreeMap<String, usize> = BTreeMap::new();
     for endpoint in endpoints {
@@ -60,11 +72,15 @@ pub async fn last_active(
                 endpoint: endpoint.clone(),
                 source,
             })?;
+        let mut req = tonic::Request::new(GetLastActiveRequest {
+            sandbox_ids: ids.to_vec(),
+        });
+        if let Some(v) = &auth {
+            req.metadata_mut().insert(AUTHORIZATION, v.clone());
+        }
         let resp = ActivityServiceClient::new(channel)
             .max_decoding_message_size(256 << 20)
-            .get_last_active(GetLastActiveRequest {
-                sandbox_ids: ids.to_vec(),
-            })
+            .get_last_active(req)
             .await
             .map_err(|source| CliError::Call {
                 endpoint: endpoint.clone(),
@@ -82,6 +98,8 @@ pub async fn last_active(
             endpoint: endpoint.clone(),
             replica: resp.replica,
             collecting_since_ms: resp.collecting_since_ms,
+            evicted_total: resp.evicted_total,
+            last_eviction_ms: resp.last_eviction_ms,
         });
     }
     out.unknown = unknown
@@ -109,6 +127,8 @@ pub fn to_json(la: &LastActive) -> serde_json::Value {
             "endpoint": r.endpoint,
             "replica": r.replica,
             "collecting_since_ms": r.collecting_since_ms,
+            "evicted_total": r.evicted_total,
+            "last_eviction_ms": r.last_eviction_ms,
         })).collect::<Vec<_>>(),
         "sandboxes": la.sandboxes.iter().map(|(id, ms)| serde_json::json!({
             "sandbox_id": id, "last_active_ms": ms,
@@ -129,6 +149,15 @@ pub fn to_table(la: &LastActive) -> String {
             r.endpoint,
             rfc3339(r.collecting_since_ms)
         );
+        if r.evicted_total > 0 {
+            let _ = writeln!(
+                s,
+                "# replica {} EVICTED {} entries (table full), latest at {}: its answer may miss sandboxes",
+                r.replica,
+                r.evicted_total,
+                rfc3339(r.last_eviction_ms)
+            );
+        }
     }
     let w = la
         .sandboxes

@@ -7,6 +7,7 @@
 
 pub mod activity;
 pub mod aggregate;
+pub mod auth;
 pub mod cli;
 pub mod metrics;
 pub mod processor;

@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use routing::bearer::BearerToken;
 use sandbox_extproc::{cli, server};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,11 @@ struct ServeArgs {
     /// Log as JSON lines (default: human-readable). Level from RUST_LOG (default info).
     #[arg(long)]
     log_json: bool,
+    /// File holding the ActivityService bearer token (read once at start, whitespace trimmed).
+    /// When set, Report and GetLastActive require `authorization: Bearer <token>`; when unset
+    /// the ActivityService is open (a warning is logged). ext_proc is not gated by it.
+    #[arg(long, env = "SANDBOX_EXTPROC_ACTIVITY_TOKEN_FILE")]
+    activity_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -73,6 +79,14 @@ struct LastActiveArgs {
     /// Per-replica timeout, seconds.
     #[arg(long, default_value_t = 5)]
     timeout_s: u64,
+    /// File holding the ActivityService bearer token, sent to every --endpoint.
+    #[arg(long, env = "SANDBOX_EXTPROC_ACTIVITY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn read_token(path: Option<&PathBuf>) -> Result<Option<BearerToken>> {
+    path.map(|p| BearerToken::from_file(p).context("--activity-token-file / --token-file"))
+        .transpose()
 }
 
 fn init_logs(json: bool) {
@@ -97,6 +111,7 @@ fn main() -> Result<()> {
     match args.cmd {
         Cmd::Serve(a) => {
             init_logs(a.log_json);
+            let activity_token = read_token(a.activity_token_file.as_ref())?;
             let json = std::fs::read(&a.config)
                 .with_context(|| format!("reading {}", a.config.display()))?;
             let config = routing::GatewayConfig::from_json(&json)
@@ -115,6 +130,7 @@ fn main() -> Result<()> {
                 max_sandboxes: a.max_sandboxes,
                 ready_file: a.ready_file,
                 shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
+                activity_token,
             };
             rt.block_on(server::serve(opts, server::signal()))?;
             // Report streams and ext_proc streams may still hold tasks: don't wait for them.
@@ -122,10 +138,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::LastActive(a) => {
+            let token = read_token(a.token_file.as_ref())?;
             let la = rt.block_on(cli::last_active(
                 &a.endpoint,
                 &a.id,
                 Duration::from_secs(a.timeout_s),
+                token.as_ref(),
             ))?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&cli::to_json(&la))?);

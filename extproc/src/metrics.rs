@@ -23,6 +23,8 @@ pub struct Metrics {
     pub report_batches: IntCounter,
     pub report_entries: IntCounter,
     pub last_active_queries: IntCounter,
+    /// ActivityService calls refused for a missing or wrong bearer token, by `rpc`.
+    pub auth_failures: IntCounterVec,
     pub sandboxes: IntGauge,
     pub evicted: IntGauge,
     pub forgotten: IntGauge,
@@ -57,6 +59,18 @@ impl Metrics {
             ]),
         )?;
         registry.register(Box::new(decision_seconds.clone()))?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "activity_auth_failures_total",
+                "ActivityService calls refused: missing or wrong bearer token",
+            ),
+            &["rpc"],
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        // Both series exist from the start (at 0), so an alert on their rate needs no `absent()`.
+        for rpc in ["Report", "GetLastActive"] {
+            auth_failures.with_label_values(&[rpc]);
+        }
         Ok(Arc::new(Metrics {
             requests,
             miss_holds: counter("miss_holds_total", "requests held for a missing route")?,
@@ -69,6 +83,7 @@ impl Metrics {
             report_batches: counter("report_batches_total", "activity batches merged")?,
             report_entries: counter("report_entries_total", "activity entries merged")?,
             last_active_queries: counter("last_active_queries_total", "GetLastActive calls")?,
+            auth_failures,
             sandboxes: gauge("sandboxes", "sandboxes with a last-active value")?,
             evicted: gauge(
                 "sandboxes_evicted",

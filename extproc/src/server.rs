@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub ready_file: Option<PathBuf>,
     /// After a shutdown signal, how long in-flight calls may take before the process exits anyway.
     pub shutdown_grace: Duration,
+    /// Required as `authorization: Bearer <token>` on every ActivityService call; None leaves
+    /// the service open (warned at start). The ext_proc service is never gated by it.
+    pub activity_token: Option<routing::bearer::BearerToken>,
 }
 
 /// How often aggregation upkeep runs (local flush, forgetting, gauges).
@@ -94,6 +97,12 @@ pub async fn serve(
         opts.replica.clone(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if opts.activity_token.is_none() {
+        tracing::warn!(
+            "the ActivityService is unauthenticated: anyone who reaches its port can report \
+             activity and read last-active; set --activity-token-file"
+        );
+    }
 
     let ext_l = bind("ext_proc", opts.extproc_listen).await?;
     let act_l = bind("activity", opts.activity_listen).await?;
@@ -136,6 +145,7 @@ pub async fn serve(
         .add_service(ActivityServiceServer::new(ActivitySvc {
             activity: Arc::clone(&activity),
             shutdown: stop_rx.clone(),
+            token: opts.activity_token.clone(),
         }))
         .add_service(health_svc)
         .add_service(reflection()?)
@@ -180,6 +190,7 @@ pub async fn serve(
         activity = %act_addr,
         metrics = %met_addr,
         replica = opts.replica,
+        activity_auth = opts.activity_token.is_some(),
         routes = table.len(),
         "sandbox-extproc serving"
     );

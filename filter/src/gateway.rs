@@ -7,6 +7,7 @@
 
 use crate::ffi::{Commit, ConfigEnvoy, HttpFilterConfig, MetricId};
 use crate::http_filter::SandboxFilter;
+use crate::report::ReportStats;
 use routing::holds::HoldBook;
 use routing::stats::SourceStats;
 use routing::{GatewayConfig, RouteTable};
@@ -43,9 +44,9 @@ pub struct Metrics {
     cumulative: [(MetricId, ReadStat); CUMULATIVE],
 }
 
-const CUMULATIVE: usize = 9;
+const CUMULATIVE: usize = 12;
 
-type ReadStat = fn(&SourceStats) -> u64;
+type ReadStat = fn(&SourceStats, &ReportStats) -> u64;
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
@@ -62,31 +63,46 @@ impl Metrics {
             routes: h.define_gauge("routes")?,
             routes_synced: h.define_gauge("routes_synced")?,
             cumulative: [
-                (h.define_counter("route_reloads_ok", &[])?, |s| {
+                (h.define_counter("route_reloads_ok", &[])?, |s, _| {
                     load(&s.reloads_ok)
                 }),
-                (h.define_counter("route_reloads_failed", &[])?, |s| {
+                (h.define_counter("route_reloads_failed", &[])?, |s, _| {
                     load(&s.reloads_failed)
                 }),
-                (h.define_counter("route_watch_errors", &[])?, |s| {
+                (h.define_counter("route_watch_errors", &[])?, |s, _| {
                     load(&s.watch_errors)
                 }),
-                (h.define_counter("route_relists", &[])?, |s| {
+                (h.define_counter("route_relists", &[])?, |s, _| {
                     load(&s.relists)
                 }),
-                (h.define_counter("route_conflicts", &[])?, |s| {
+                (h.define_counter("route_conflicts", &[])?, |s, _| {
                     load(&s.conflicts)
                 }),
-                (h.define_counter("route_ip_fenced", &[])?, |s| {
+                (h.define_counter("route_ip_fenced", &[])?, |s, _| {
                     load(&s.ip_fenced)
                 }),
-                (h.define_counter("route_stale_events", &[])?, |s| {
+                (h.define_counter("route_stale_events", &[])?, |s, _| {
                     load(&s.stale_ignored)
                 }),
-                (h.define_counter("panics", &[])?, |_| crate::ffi::panics()),
-                (h.define_counter("hook_reentries", &[])?, |_| {
+                (h.define_counter("panics", &[])?, |_, _| {
+                    crate::ffi::panics()
+                }),
+                (h.define_counter("hook_reentries", &[])?, |_, _| {
                     crate::ffi::reentries()
                 }),
+                // activity_report (report.rs): batches sent, failed connects/streams, and
+                // streams refused for a missing or wrong token.
+                (h.define_counter("activity_report_batches", &[])?, |_, r| {
+                    load(&r.batches)
+                }),
+                (
+                    h.define_counter("activity_report_failures", &[])?,
+                    |_, r| load(&r.failures),
+                ),
+                (
+                    h.define_counter("activity_report_unauthenticated", &[])?,
+                    |_, r| load(&r.unauthenticated),
+                ),
             ],
         })
     }
@@ -99,6 +115,7 @@ pub struct Gateway {
     pub table: Arc<RouteTable>,
     pub metrics: Metrics,
     source_stats: Arc<SourceStats>,
+    report_stats: Arc<ReportStats>,
     /// Values of `Metrics::cumulative` already published.
     published: Mutex<[u64; CUMULATIVE]>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -111,6 +128,7 @@ impl Gateway {
         let metrics = Metrics::define(envoy)?;
         let table = Arc::new(RouteTable::new());
         let source_stats = Arc::new(SourceStats::default());
+        let report_stats = Arc::new(ReportStats::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("sandbox-gateway")
@@ -119,7 +137,9 @@ impl Gateway {
             .map_err(GatewayError::Runtime)?;
         // What is already counted: the process-wide counters (panics, re-entries) keep their
         // history across config reloads, and a new config must not publish it again.
-        let published = metrics.cumulative.map(|(_, read)| read(&source_stats));
+        let published = metrics
+            .cumulative
+            .map(|(_, read)| read(&source_stats, &report_stats));
         routing::source::start(
             &cfg.routes,
             Arc::clone(&table),
@@ -128,7 +148,11 @@ impl Gateway {
         )?;
         if let Some(r) = &cfg.activity_report {
             // Pushes activity to sandbox-extproc; see report.rs.
-            runtime.spawn(crate::report::run(r.clone(), Arc::clone(&table)));
+            runtime.spawn(crate::report::run(
+                r.clone(),
+                Arc::clone(&table),
+                Arc::clone(&report_stats),
+            ));
         }
         let stats_scheduler = envoy
             .scheduler()
@@ -150,6 +174,7 @@ impl Gateway {
             table,
             metrics,
             source_stats,
+            report_stats,
             published: Mutex::new(published),
             runtime: Some(runtime),
             stats_scheduler,
@@ -173,7 +198,7 @@ impl Gateway {
         );
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         for ((id, read), last) in self.metrics.cumulative.iter().zip(published.iter_mut()) {
-            let now = read(&self.source_stats);
+            let now = read(&self.source_stats, &self.report_stats);
             if now > *last {
                 envoy.increment_counter(*id, now - *last);
             }

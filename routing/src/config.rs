@@ -3,6 +3,7 @@
 //! Shared by the Envoy module (filter config string) and sandbox-extproc. Unknown fields and bad
 //! values are errors that name the field: a half-understood config must never start serving.
 
+use crate::bearer::BearerToken;
 use crate::key::{validate_id, HeaderNames, KeyConfig};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -99,6 +100,9 @@ pub struct ActivityReportConfig {
     /// `http://host:port` of sandbox-extproc's ActivityService.
     pub endpoint: String,
     pub interval: Duration,
+    /// Sent as `authorization: Bearer <token>` on every Report stream (`token_file`, read once
+    /// at config load). None: no credentials (the server must then run unauthenticated).
+    pub token: Option<BearerToken>,
 }
 
 // ---- wire format -------------------------------------------------------------------------------
@@ -141,6 +145,8 @@ struct RawActivityReport {
     endpoint: String,
     #[serde(default = "default_report_interval_ms")]
     interval_ms: u64,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
 }
 
 fn default_report_interval_ms() -> u64 {
@@ -168,9 +174,17 @@ fn activity_report(
             "must be from 100 to 60000",
         ));
     }
+    // Read here, once: a missing or empty file refuses the config instead of surfacing later as
+    // a reporter the server silently refuses.
+    let token = r
+        .token_file
+        .map(|p| BearerToken::from_file(&p))
+        .transpose()
+        .map_err(|e| field_err("activity_report.token_file", e.to_string()))?;
     Ok(Some(ActivityReportConfig {
         endpoint: r.endpoint,
         interval: Duration::from_millis(r.interval_ms),
+        token,
     }))
 }
 
@@ -486,7 +500,8 @@ mod tests {
             r.activity_report,
             Some(ActivityReportConfig {
                 endpoint: "http://127.0.0.1:18090".into(),
-                interval: Duration::from_millis(1000)
+                interval: Duration::from_millis(1000),
+                token: None,
             })
         );
         assert_eq!(
@@ -627,6 +642,10 @@ mod tests {
                 "every",
             ),
             (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "activity_report": {"endpoint": "http://x:1", "token_file": "/nonexistent/token"}}"#,
+                "activity_report.token_file",
+            ),
+            (
                 r#"{"route_source": {"type": "kubernetes", "namespaces": ["Bad_NS"]}}"#,
                 "route_source.namespaces",
             ),
@@ -647,5 +666,28 @@ mod tests {
             let err = parse(json).expect_err(json);
             assert!(err.contains(field), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn activity_report_token_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let cfg = |p: &std::path::Path| {
+            format!(
+                r#"{{"route_source": {{"type": "file", "path": "/r"}}, "activity_report": {{"endpoint": "http://x:1", "token_file": {p:?}}}}}"#
+            )
+        };
+        std::fs::write(&path, "tok-1\n").unwrap();
+        let c = parse(&cfg(&path)).unwrap();
+        let token = c.activity_report.unwrap().token.unwrap();
+        assert_eq!(token.authorization(), "Bearer tok-1");
+        // Changing the file later changes nothing: it was read once.
+        std::fs::write(&path, "").unwrap();
+        assert!(token.accepts(b"Bearer tok-1"));
+        let e = parse(&cfg(&path)).unwrap_err();
+        assert!(
+            e.contains("activity_report.token_file") && e.contains("empty"),
+            "{e}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod activity;
+pub mod bearer;
 pub mod config;
 pub mod contract;
 pub mod decide;

@@ -215,3 +215,100 @@ async fn websocket_traffic_advances_last_active() -> Result<()> {
     ensure!(quiet.next().await.context("quiet closed")??.to_text()? == "still here");
     Ok(())
 }
+
+/// A filter-mode Envoy whose reporter sends the token in `token` (written to a file the module
+/// config names), to an extproc that requires `ext`'s token.
+fn reporting_envoy_with_token(
+    routes: &[RouteEntry],
+    ext: &ExtProc,
+    token: &str,
+) -> Result<(FilterGateway, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("activity-token");
+    std::fs::write(&path, format!("{token}\n"))?;
+    let gw = FilterGateway::start(
+        routes,
+        json!({
+            "activity_report": {
+                "endpoint": ext.activity_endpoint(),
+                "interval_ms": REPORT_MS,
+                "token_file": path,
+            },
+        }),
+    )?;
+    Ok((gw, dir))
+}
+
+const ACTIVITY_TOKEN: &str = "e2e-activity-token-7f3a";
+
+/// The module with the right token file reports to an extproc that requires it: traffic shows
+/// up in GetLastActive, and no report was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_authenticates_the_reporter() -> Result<()> {
+    let sb = SandboxServer::start("one", "127.0.0.1:0".parse()?).await?;
+    let routes = [RouteEntry::new("alpha", sb.addr)];
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("routes.json");
+    write_routes(&path, &routes)?;
+    let ext =
+        ExtProc::start_with_token(&json!({"route_source": file_source(&path)}), ACTIVITY_TOKEN)?;
+    let (gw, _t) = reporting_envoy_with_token(&routes, &ext, ACTIVITY_TOKEN)?;
+    let t0 = now_ms();
+    ok(&gw, "alpha").await?;
+    wait_last_active(&ext, "authenticated report", |la| {
+        la.get("alpha").is_some_and(|&t| t >= t0)
+    })
+    .await?;
+    gw.envoy
+        .wait_stat("dynamicmodulescustom.activity_report_batches", |n| n > 0)?;
+    let refused = gw
+        .envoy
+        .stat("dynamicmodulescustom.activity_report_unauthenticated")?;
+    ensure!(refused == Some(0), "refused: {refused:?}");
+    let metrics = ext.metrics_text()?;
+    ensure!(
+        metrics.contains("sandbox_extproc_activity_auth_failures_total{rpc=\"Report\"} 0"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// A wrong token file: the extproc records nothing from that Envoy, and the module counts and
+/// logs the refusal. (Routing itself is unaffected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_file_is_refused_and_records_nothing() -> Result<()> {
+    let sb = SandboxServer::start("one", "127.0.0.1:0".parse()?).await?;
+    let routes = [RouteEntry::new("alpha", sb.addr)];
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("routes.json");
+    write_routes(&path, &routes)?;
+    let ext =
+        ExtProc::start_with_token(&json!({"route_source": file_source(&path)}), ACTIVITY_TOKEN)?;
+    let (gw, _t) = reporting_envoy_with_token(&routes, &ext, "not-the-token")?;
+    ok(&gw, "alpha").await?;
+    // Several report intervals, each a refused stream.
+    let refused = gw.envoy.wait_stat(
+        "dynamicmodulescustom.activity_report_unauthenticated",
+        |n| n >= 2,
+    )?;
+    let failures = gw
+        .envoy
+        .stat("dynamicmodulescustom.activity_report_failures")?
+        .unwrap_or(0);
+    ensure!(failures >= refused, "{failures} < {refused}");
+    let la = ext.last_active().await?;
+    ensure!(la.is_empty(), "recorded from a refused reporter: {la:?}");
+    let metrics = ext.metrics_text()?;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sandbox_extproc_activity_auth_failures_total{rpc=\"Report\"}"))
+        .context("auth failure metric")?;
+    let n: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+    ensure!(n >= 2.0, "{line}");
+    let log = gw.envoy.log();
+    ensure!(
+        log.contains("activity report refused: UNAUTHENTICATED"),
+        "module log:\n{log}"
+    );
+    Ok(())
+}

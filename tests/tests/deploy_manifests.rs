@@ -10,7 +10,10 @@
 //! - the bootstrap itself runs in the real Envoy 1.40 with the module, against the in-test
 //!   Kubernetes API server: a labelled pod is routed; the ops listener exposes only the readiness
 //!   probe (through the sandbox listener to the module; 503 once Envoy's health check is failed,
-//!   as the preStop hook does), /ready and /stats/prometheus.
+//!   as the preStop hook does), /ready and /stats/prometheus;
+//! - sandbox-extproc is reachable only from the gateway and controller pods (NetworkPolicy), and
+//!   the ActivityService token Secret is mounted where both the module config and sandbox-extproc
+//!   read it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Service, ServiceAccount, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
@@ -161,6 +165,7 @@ const KINDS: &[(&str, Check)] = &[
         CustomResourceDefinition::KIND,
         check_kind::<CustomResourceDefinition>,
     ),
+    (NetworkPolicy::KIND, check_kind::<NetworkPolicy>),
 ];
 
 /// Every object of kind `K` under deploy/, typed.
@@ -486,8 +491,13 @@ fn bootstrap_keeps_the_gateway_settings_and_uses_the_kubernetes_source() {
     // Never on the sandbox listener: it would run on every sandbox request.
     assert!(!hcm(&b, "sandboxes").to_string().contains("health_check"));
 
-    let cfg = module_config(&b);
+    let mut cfg = module_config(&b);
     assert_eq!(cfg["route_source"]["type"], "kubernetes");
+    // The token file is the mounted Secret (checked in token_secret_is_wired_into_both_pods);
+    // here a stand-in, since the parser reads it.
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "t").unwrap();
+    cfg["activity_report"]["token_file"] = json!(token.path());
     assert_eq!(cfg["route_source"]["label"], "sandboxgateway.io/sandbox-id");
     let parsed = GatewayConfig::from_json(cfg.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("the gateway rejects the deploy module config: {e}"));
@@ -714,6 +724,11 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     }
     let mut cfg = module_config(&b);
     cfg["route_source"]["kubeconfig"] = json!(kubeconfig);
+    // No sandbox-extproc here: a token stand-in, and reports to a closed loopback port.
+    let token = dir.path().join("activity-token");
+    std::fs::write(&token, "t").unwrap();
+    cfg["activity_report"] =
+        json!({"endpoint": format!("http://127.0.0.1:{}", free_port()), "token_file": token});
     *module_config_mut(&mut b) = json!(cfg.to_string());
 
     let opts = EnvoyOptions::sandboxes(b.to_string());
@@ -836,4 +851,193 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
         .unwrap()
         .unwrap();
     assert_eq!(client::get(ops, READY_PATH, &[]).await.unwrap().status, 200);
+}
+
+fn pod_labels(dep: &Deployment) -> Value {
+    let spec = dep.spec.as_ref().expect("Deployment spec");
+    json!(spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref()))
+}
+
+/// The ports sandbox-extproc serves gRPC on (container ports named `grpc-*`).
+fn extproc_grpc_ports(dep: &Deployment) -> Vec<i32> {
+    let pod = dep.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    let c = container(pod.map(|p| &p.containers[..]), "extproc");
+    let mut ports: Vec<i32> = c
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.name.as_deref().is_some_and(|n| n.starts_with("grpc-")))
+        .map(|p| p.container_port)
+        .collect();
+    ports.sort();
+    ports
+}
+
+#[test]
+fn extproc_is_reachable_only_from_gateways_and_the_controller() {
+    let extproc: Deployment = find("sandbox-extproc");
+    let gateway: Deployment = find("sandbox-gateway");
+    let np: NetworkPolicy = find("sandbox-extproc");
+    let spec = np.spec.as_ref().expect("NetworkPolicy spec");
+    let selector = spec.pod_selector.as_ref().expect("podSelector");
+    assert_eq!(
+        json!(selector.match_labels),
+        pod_labels(&extproc),
+        "selects the sandbox-extproc pods"
+    );
+    assert!(selector.match_expressions.is_none());
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string()][..])
+    );
+    let rules = spec.ingress.as_deref().unwrap_or_default();
+    assert_eq!(rules.len(), 1, "one rule: nothing else is admitted");
+    let from = rules[0].from.as_deref().unwrap_or_default();
+    let sources: Vec<Value> = from
+        .iter()
+        .map(|peer| {
+            assert!(
+                peer.namespace_selector.is_none() && peer.ip_block.is_none(),
+                "pods of this namespace only: {peer:?}"
+            );
+            let sel = peer.pod_selector.as_ref().expect("a podSelector");
+            assert!(sel.match_expressions.is_none());
+            json!(sel.match_labels)
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            pod_labels(&gateway),
+            json!({"app.kubernetes.io/name": "sandbox-controller"})
+        ],
+        "exactly the gateway pods and the controller"
+    );
+    let mut ports: Vec<i32> = rules[0]
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| match &p.port {
+            Some(IntOrString::Int(n)) => *n,
+            other => panic!("numeric ports: {other:?}"),
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        extproc_grpc_ports(&extproc),
+        "the ext_proc and ActivityService ports"
+    );
+    // The headless Service the controller resolves (every replica) selects the same pods.
+    let svc: Service = find("sandbox-extproc");
+    let svc = svc.spec.as_ref().expect("Service spec");
+    assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(json!(svc.selector), pod_labels(&extproc));
+}
+
+#[test]
+fn token_secret_is_wired_into_both_pods() {
+    let k = parse_docs(
+        &std::fs::read_to_string(deploy_dir().join("base/kustomization.yaml")).unwrap(),
+        "k",
+    );
+    let generated = named(&k[0]["secretGenerator"], "sandbox-activity-token");
+    assert_eq!(generated["files"], json!(["token=activity-token"]));
+    // The token itself is never committed.
+    let ignore = std::fs::read_to_string(deploy_dir().join("base/.gitignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "activity-token"), "{ignore}");
+
+    // (container, the file it reads) for both pods, from the Secret's `token` key.
+    let token_path = |dep: &Deployment, cname: &str| -> String {
+        let pod = dep
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .unwrap();
+        let vols = pod.volumes.as_deref().unwrap_or_default();
+        let v = vols
+            .iter()
+            .find(|v| v.name == "activity-token")
+            .expect("activity-token volume");
+        assert_eq!(
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+            Some("sandbox-activity-token"),
+            "{cname}: the generated Secret"
+        );
+        let c = container(Some(&pod.containers), cname);
+        format!("{}/token", mount_path(c, "activity-token"))
+    };
+    let gateway: Deployment = find("sandbox-gateway");
+    let module = module_config(&bootstrap());
+    assert_eq!(
+        module["activity_report"]["token_file"],
+        json!(token_path(&gateway, "envoy")),
+        "the module reads the mounted token"
+    );
+    let extproc: Deployment = find("sandbox-extproc");
+    let pod = extproc
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .unwrap();
+    let c = container(Some(&pod.containers), "extproc");
+    let env = c.env.as_deref().unwrap_or_default();
+    let env = env
+        .iter()
+        .find(|e| e.name == "SANDBOX_EXTPROC_ACTIVITY_TOKEN_FILE")
+        .expect("SANDBOX_EXTPROC_ACTIVITY_TOKEN_FILE");
+    assert_eq!(env.value, Some(token_path(&extproc, "extproc")));
+
+    // The module reports to the extproc Service's ActivityService port.
+    let svc: Service = find("sandbox-extproc");
+    let port = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p.name.as_deref() == Some("grpc-activity"))
+        })
+        .expect("grpc-activity port")
+        .port;
+    assert_eq!(
+        module["activity_report"]["endpoint"],
+        json!(format!("http://sandbox-extproc:{port}"))
+    );
+
+    // sandbox-extproc's own config is accepted by the gateway's parser, and mounted where
+    // --config points.
+    let cm: ConfigMap = find("sandbox-extproc");
+    let cfg = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.json"))
+        .expect("config.json");
+    GatewayConfig::from_json(cfg.as_bytes())
+        .unwrap_or_else(|e| panic!("sandbox-extproc rejects its config: {e}"));
+    let args = c.args.as_deref().unwrap_or_default();
+    let config_arg = args
+        .windows(2)
+        .find(|w| w[0] == "--config")
+        .expect("--config")[1]
+        .clone();
+    assert_eq!(
+        config_arg,
+        format!("{}/config.json", mount_path(c, "config"))
+    );
+    let vols = pod.volumes.as_deref().unwrap_or_default();
+    let v = vols
+        .iter()
+        .find(|v| v.name == "config")
+        .expect("config volume");
+    assert_eq!(
+        v.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("sandbox-extproc")
+    );
 }

@@ -27,6 +27,10 @@ fn bounded_by_evicting_the_oldest() {
     );
     assert!(a.len() <= 200);
     assert!(a.evicted() >= 800);
+    assert!(
+        a.last_eviction_ms() > 0,
+        "GetLastActive reports when it last evicted"
+    );
     // The newest survive.
     assert_eq!(a.get("s999"), Some(1000));
     assert_eq!(a.get("s0"), None);
@@ -42,6 +46,7 @@ fn full_with_one_busy() -> Aggregator {
     a.merge([("busy", 10_000)]);
     assert_eq!(a.len(), 100);
     assert_eq!(a.evicted(), 0);
+    assert_eq!(a.last_eviction_ms(), 0);
     a
 }
 

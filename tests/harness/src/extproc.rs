@@ -4,6 +4,7 @@
 use crate::envoy::{render, repo_root, Envoy, EnvoyOptions};
 use crate::gateway::RouteEntry;
 use anyhow::{bail, Context, Result};
+use routing::bearer::BearerToken;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,21 +37,44 @@ pub struct ExtProc {
     pub metrics: SocketAddr,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// Sent by [`ExtProc::last_active`] (set by [`ExtProc::start_with_token`]).
+    pub token: Option<BearerToken>,
 }
 
 impl ExtProc {
     /// Starts with `config` (the gateway JSON) on OS-chosen ports.
     pub fn start(config: &Value, extra_args: &[&str]) -> Result<ExtProc> {
+        Self::start_inner(config, extra_args, None)
+    }
+
+    /// Like `start`, with the ActivityService requiring `token` (`--activity-token-file`).
+    pub fn start_with_token(config: &Value, token: &str) -> Result<ExtProc> {
+        Self::start_inner(config, &[], Some(token))
+    }
+
+    fn start_inner(config: &Value, extra_args: &[&str], token: Option<&str>) -> Result<ExtProc> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("config.json"), config.to_string())?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let token = match token {
+            Some(t) => {
+                let path = dir.path().join("activity-token");
+                std::fs::write(&path, format!("{t}\n"))?;
+                extra_args.push("--activity-token-file".into());
+                extra_args.push(path.display().to_string());
+                Some(BearerToken::new(t).context("token must be visible ASCII")?)
+            }
+            None => None,
+        };
         let mut e = ExtProc {
             child: None,
             extproc: any,
             activity: any,
             metrics: any,
             dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
+            token,
         };
         e.spawn(any, any)?;
         Ok(e)
@@ -169,6 +193,7 @@ impl ExtProc {
             &[self.activity_endpoint()],
             &[],
             Duration::from_secs(5),
+            self.token.as_ref(),
         )
         .await?;
         Ok(la.sandboxes.into_iter().collect())
