@@ -8,17 +8,20 @@
 #![forbid(unsafe_code)]
 
 pub mod claim;
+pub mod cli;
 pub mod conditions;
 pub mod context;
 pub mod crd;
 pub mod decide;
 pub mod error;
+pub mod idle;
 pub mod ids;
 pub mod leader;
 pub mod metrics;
 pub mod pods;
 pub mod pool;
 pub mod release;
+pub mod run;
 pub mod sandbox;
 pub mod spec;
 
