@@ -13,5 +13,6 @@ pub mod extproc;
 pub mod gateway;
 pub mod grpc;
 pub mod hung;
+pub mod kubelet;
 pub mod python;
 pub mod sandbox;

@@ -1,0 +1,180 @@
+//! A test kubelet: it "runs" the pods it sees through the real `kube` client. Each pod gets a
+//! loopback IP of its own (127.0.x.y) with a real [`SandboxServer`] listening on the sandbox
+//! port there, its status says `Running`, and after a configurable delay `Ready` (or `Failed`,
+//! for pods the options mark), so the gateway routes to it for real. A deleted pod's server is
+//! stopped, and its address refuses connections afterwards.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::ResourceExt;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::sandbox::SandboxServer;
+
+/// How the kubelet treats pods.
+#[derive(Clone)]
+pub struct KubeletOptions {
+    /// Time from a pod's first sight to `Ready`.
+    pub ready_after: Duration,
+    /// The port each pod's sandbox server listens on (the pool's sandbox port).
+    pub port: u16,
+    /// Pods whose name this returns true for start and then fail (`phase: Failed`).
+    pub fail: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl Default for KubeletOptions {
+    fn default() -> Self {
+        KubeletOptions {
+            ready_after: Duration::from_millis(50),
+            port: 8080,
+            fail: Arc::new(|_| false),
+        }
+    }
+}
+
+/// A running test kubelet. Dropping it stops every pod's server.
+pub struct TestKubelet {
+    task: JoinHandle<()>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+struct Running {
+    ip: Ipv4Addr,
+    _server: Option<SandboxServer>,
+}
+
+/// The next loopback address: 127.0.1.1, 127.0.1.2, … (127.0.0.x stays for the tests' own
+/// listeners). One process shares the sequence, so two kubelets never hand out one address.
+fn next_ip() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(256 + 1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Ipv4Addr::new(127, ((n >> 16) & 0xff) as u8, ((n >> 8) & 0xff) as u8, (n & 0xff) as u8)
+}
+
+fn key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+impl TestKubelet {
+    /// Starts watching every pod the client can see.
+    pub fn start(client: kube::Client, opts: KubeletOptions) -> TestKubelet {
+        let running: Arc<Mutex<HashMap<String, Running>>> = Arc::default();
+        let r2 = running.clone();
+        let task = tokio::spawn(async move {
+            let all: Api<Pod> = Api::all(client.clone());
+            let mut events = watcher(all, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = events.next().await {
+                let Ok(ev) = ev else { continue };
+                match ev {
+                    Event::Apply(p) | Event::InitApply(p) => {
+                        if p.metadata.deletion_timestamp.is_some() {
+                            r2.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(&p));
+                            continue;
+                        }
+                        let k = key(&p);
+                        let fresh = !r2.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&k);
+                        let has_ip = p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
+                        if fresh && !has_ip {
+                            start_pod(&client, &p, &opts, &r2).await;
+                        }
+                    }
+                    Event::Delete(p) => {
+                        r2.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(&p));
+                    }
+                    Event::Init | Event::InitDone => {}
+                }
+            }
+        });
+        TestKubelet { task, running }
+    }
+
+    /// The IP of a running pod.
+    pub fn ip_of(&self, ns: &str, name: &str) -> Option<Ipv4Addr> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&format!("{ns}/{name}"))
+            .map(|r| r.ip)
+    }
+
+    /// How many pods it runs.
+    pub fn running(&self) -> usize {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for TestKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_pod(
+    client: &kube::Client,
+    p: &Pod,
+    opts: &KubeletOptions,
+    running: &Arc<Mutex<HashMap<String, Running>>>,
+) {
+    let ns = p.namespace().unwrap_or_default();
+    let name = p.name_any();
+    let ip = next_ip();
+    let server = SandboxServer::start(&name, SocketAddr::new(IpAddr::V4(ip), opts.port))
+        .await
+        .map_err(|e| tracing::warn!(pod = %name, error = %e, "sandbox server did not start"))
+        .ok();
+    running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key(p), Running { ip, _server: server });
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let status = move |ready: bool, phase: &str| {
+        json!({ "status": {
+            "phase": phase,
+            "podIP": ip.to_string(),
+            "podIPs": [{ "ip": ip.to_string() }],
+            "conditions": [{
+                "type": "Ready",
+                "status": if ready { "True" } else { "False" },
+                "lastTransitionTime": jiff_now(),
+            }],
+        }})
+    };
+    let _ = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status(false, "Running")))
+        .await;
+    let fail = (opts.fail)(&name);
+    let delay = opts.ready_after;
+    let running = running.clone();
+    let key = key(p);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        if !running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key) {
+            return; // deleted meanwhile
+        }
+        let body = if fail {
+            status(false, "Failed")
+        } else {
+            status(true, "Running")
+        };
+        let _ = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+            .await;
+    });
+}
+
+fn jiff_now() -> serde_json::Value {
+    let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    serde_json::to_value(t).unwrap_or_default()
+}
