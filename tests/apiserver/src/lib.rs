@@ -44,6 +44,8 @@ pub mod pods;
 pub mod registry;
 mod store;
 #[cfg(test)]
+mod store_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
