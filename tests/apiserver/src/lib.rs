@@ -1,12 +1,22 @@
-//! A small in-test Kubernetes API server that the real `kube` client and
-//! `kube::runtime::watcher` can list and watch Pods from (plain HTTP on 127.0.0.1). Its own crate
-//! so that tests of anything that watches Pods (the module's route source, the controller) can use
-//! it without Envoy or the e2e harness.
+//! A small in-test Kubernetes API server: a generic object store that the real `kube` client,
+//! `kube::runtime` watchers and controllers (and kubectl) talk to over plain HTTP on 127.0.0.1.
+//! Its own crate so that tests of anything that talks to Kubernetes (the module's route source,
+//! the controller) can use it without Envoy or the e2e harness.
 //!
-//! It is the test double for the gateway's Kubernetes route source, faithful where that source
-//! depends on it:
-//! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, with `labelSelector` (`key`,
-//!   `!key`, `key=value`, `key!=value`, comma conjunctions), `resourceVersion`,
+//! **Resources** are a table ([`ResourceType`]: group, version, plural, kind, scope,
+//! subresources, short names; see [`builtin_resources`]): core v1 pods, secrets, events,
+//! services, configmaps, namespaces; `coordination.k8s.io/v1` leases; `discovery.k8s.io/v1`
+//! endpointslices; `events.k8s.io/v1` events; and the custom resources
+//! `sandboxgateway.io/v1alpha1` `sandboxpools` (status and scale subresources) and `sandboxes`
+//! (status). [`FakeApiServer::register_resource`] adds more; an unknown resource is a 404.
+//! Paths: `/api/v1/{plural}`, `/api/v1/namespaces/{ns}/{plural}[/{name}[/status|/scale]]` and
+//! the same under `/apis/{group}/{version}`.
+//!
+//! **Reads**, for every resource, faithful where the gateway's route source and kube's watcher
+//! depend on them:
+//! - get; list and watch with `labelSelector` (`key`, `!key`, `key=value`, `key!=value`, comma
+//!   conjunctions), `fieldSelector` (`path=value`, `path!=value` for any dotted path, e.g.
+//!   `metadata.name`, as kube's `watch_object` sends), `resourceVersion`,
 //!   `resourceVersionMatch`, `limit`/`continue`, `watch`, `allowWatchBookmarks`,
 //!   `timeoutSeconds` and `sendInitialEvents`.
 //! - Paged lists as the API server pages them: `limit=N` returns at most N matching items and an
@@ -22,9 +32,43 @@
 //!   makes it start matching as `ADDED`.
 //! - A resourceVersion older than the compaction point gets an `ERROR` event with a 410
 //!   `Expired` Status, after which kube's watcher relists.
-//! - Test controls: [`FakeApiServer::drop_watches`] cuts watch streams mid-body,
-//!   [`FakeApiServer::stop`] / [`FakeApiServer::restart`] make the server unreachable and bring it
-//!   back on the same port with the same state.
+//!
+//! **Writes**, with the API server's rules (Status errors as it sends them):
+//! - create (`POST`): `generateName` (5 random characters, retried on a collision), `uid`,
+//!   `creationTimestamp`, `generation` 1; 409 `AlreadyExists`; a body `resourceVersion` is a 400.
+//! - replace (`PUT`) and patch (`PATCH`): a `metadata.resourceVersion` in the body (or left in
+//!   the patched object) that is not the stored one is a 409 `Conflict`. Patch types: JSON patch
+//!   (RFC 6902, a failed `test` is a 422 `Invalid` as on the real server), merge patch, strategic
+//!   merge patch (as a merge patch) and server-side apply (as a merge patch of the JSON body,
+//!   field managers ignored, creating a missing object); see the `patch` module. An update that
+//!   changes nothing writes nothing (same resourceVersion, no event).
+//! - With a `status` subresource, writes to the object keep the stored `status` and writes to
+//!   `/status` change only `status` (a create drops `status`). `generation` is bumped when
+//!   anything outside `metadata` and `status` changes. `/scale` answers an `autoscaling/v1`
+//!   Scale built from the resource's scale paths; `PUT`/`PATCH` of it set the spec replicas.
+//! - delete: `preconditions` (`uid`, `resourceVersion`) → 409 on a mismatch; an object with
+//!   finalizers only gets a `deletionTimestamp` (`MODIFIED`) and goes (`DELETED`) when an
+//!   update empties them; once an object is removed, every object whose `ownerReferences` name
+//!   its uid (and has no other owner left) is deleted the same way, like the garbage collector
+//!   (synchronously; `Foreground` is treated as `Background`, `Orphan` skips it). Removals answer
+//!   a `Success` Status. No `deletecollection`, no grace periods, no dry runs.
+//!
+//! **Discovery**: `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}` and
+//! `/version`, in the unaggregated form; `/openapi/*` is a 404. `kubectl get sbp,sbx` works.
+//!
+//! **Test controls**: test-side [`FakeApiServer::apply_object`] / [`get_object`] /
+//! [`list_objects`] / [`delete_object`] (and the Pod shorthands [`FakeApiServer::apply`],
+//! `apply_all`, `get`, `delete`); [`FakeApiServer::inject_conflicts`] and
+//! [`FakeApiServer::inject_errors`] (the next n writes to a resource fail with 409 / 500);
+//! [`FakeApiServer::set_latency`] (every request); [`FakeApiServer::set_watch_lag`] (live watch
+//! events arrive late, reads stay current); [`FakeApiServer::write_counts`] (API writes by verb
+//! and resource); [`FakeApiServer::drop_watches`] cuts watch streams mid-body;
+//! [`FakeApiServer::stop`] / [`FakeApiServer::restart`] make the server unreachable and bring it
+//! back on the same port with the same state.
+//!
+//! [`get_object`]: FakeApiServer::get_object
+//! [`list_objects`]: FakeApiServer::list_objects
+//! [`delete_object`]: FakeApiServer::delete_object
 //!
 //! What kube 5's `watcher` (default `ListWatch`, `MostRecent`) sends, as checked by the tests:
 //! `GET /api/v1/pods?&labelSelector=…&limit=500` (no resourceVersion: a consistent read), then
@@ -34,6 +78,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod control_tests;
 mod discovery;
 mod handlers;
 mod http;
@@ -47,6 +93,7 @@ mod store;
 mod store_tests;
 #[cfg(test)]
 mod tests;
+mod writes;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 
 use crate::pods::{new_uid, now_rfc3339};
 use crate::registry::{Registry, ResId, ResourceType};
+pub(crate) use crate::writes::{DeleteOpts, Deleted, Part};
 use crate::{RequestCounts, WriteCounts};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +110,7 @@ impl ApiError {
         )
     }
 
-    fn already_exists(rt: &ResourceType, name: &str) -> Self {
+    pub(crate) fn already_exists(rt: &ResourceType, name: &str) -> Self {
         let msg = format!("{} {name:?} already exists", rt.name());
         Self::new(409, "AlreadyExists", msg).about(rt, name)
     }
@@ -125,32 +126,6 @@ impl ApiError {
     pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)
     }
-}
-
-/// Which part of an object a write may change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Part {
-    /// The object itself: `status` is kept as stored when the resource has a status subresource.
-    Main,
-    /// `/status`: only `status` changes.
-    Status,
-}
-
-/// The `DeleteOptions` this server honours.
-#[derive(Debug, Default)]
-pub(crate) struct DeleteOpts {
-    pub(crate) uid: Option<String>,
-    pub(crate) resource_version: Option<String>,
-    /// `propagationPolicy: Orphan` (or `orphanDependents: true`): no cascade.
-    pub(crate) orphan: bool,
-}
-
-/// What a delete did.
-pub(crate) enum Deleted {
-    /// Finalizers remain: the object is kept with a `deletionTimestamp`.
-    Pending(Arc<Stored>),
-    /// Removed; the final object.
-    Gone(Value),
 }
 
 /// Injected failures for one resource.
@@ -197,7 +172,7 @@ fn has_owners(v: &Value) -> bool {
         .is_some_and(|a| !a.is_empty())
 }
 
-fn has_finalizers(v: &Value) -> bool {
+pub(crate) fn has_finalizers(v: &Value) -> bool {
     meta(v)["finalizers"]
         .as_array()
         .is_some_and(|a| !a.is_empty())
@@ -217,7 +192,7 @@ fn spec_changed(a: &Value, b: &Value) -> bool {
 }
 
 /// An object without the fields every write changes, to tell a no-op update.
-fn comparable(v: &Value) -> Value {
+pub(crate) fn comparable(v: &Value) -> Value {
     let mut v = v.clone();
     if let Some(m) = v["metadata"].as_object_mut() {
         m.remove("resourceVersion");
@@ -360,7 +335,7 @@ impl State {
     }
 
     /// [`remove`](Self::remove), the final object being `last` (default: the stored one).
-    fn remove_as(
+    pub(crate) fn remove_as(
         &mut self,
         res: ResId,
         ns: &str,
@@ -452,228 +427,4 @@ impl State {
     pub(crate) fn writes(&mut self, res: ResId) -> &mut WriteCounts {
         self.writes.entry(res).or_default()
     }
-
-    /// `POST`: a new object in namespace `ns` (ignored for cluster-scoped resources).
-    pub(crate) fn create(
-        &mut self,
-        res: ResId,
-        ns: Option<&str>,
-        mut body: Value,
-    ) -> Result<Arc<Stored>, ApiError> {
-        let rt = self.registry.get(res).clone();
-        if !body.is_object() || (!body["metadata"].is_object() && !body["metadata"].is_null()) {
-            return Err(ApiError::bad_request(
-                "the body is not an object with metadata",
-            ));
-        }
-        let ns = self.ns_key(res, ns);
-        if rt.namespaced {
-            if let Some(own) = str_at(&body, "namespace") {
-                if own != ns {
-                    let msg = "the namespace of the provided object does not match the namespace sent on the request";
-                    return Err(ApiError::bad_request(msg));
-                }
-            }
-        }
-        if str_at(&body, "resourceVersion").is_some() {
-            return Err(ApiError::bad_request(
-                "resourceVersion should not be set on objects to be created",
-            ));
-        }
-        let name = match (str_at(&body, "name"), str_at(&body, "generateName")) {
-            (Some(name), _) => {
-                if self.object(res, &ns, name).is_some() {
-                    return Err(ApiError::already_exists(&rt, name));
-                }
-                name.to_string()
-            }
-            (None, Some(prefix)) => {
-                // The API server's generator: 5 characters from an alphabet without vowels,
-                // retried on a collision.
-                let fresh = (0..8)
-                    .map(|_| format!("{prefix}{}", random_suffix()))
-                    .find(|n| self.object(res, &ns, n).is_none());
-                match fresh {
-                    Some(n) => n,
-                    None => return Err(ApiError::already_exists(&rt, prefix)),
-                }
-            }
-            (None, None) => {
-                return Err(ApiError::invalid(format!(
-                    "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
-                    rt.name()
-                )))
-            }
-        };
-        body["metadata"]["name"] = json!(name);
-        if let Some(m) = body["metadata"].as_object_mut() {
-            for system in [
-                "uid",
-                "creationTimestamp",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-                "generation",
-            ] {
-                m.remove(system);
-            }
-        }
-        if rt.status {
-            if let Some(m) = body.as_object_mut() {
-                m.remove("status");
-            }
-        }
-        Ok(self.put(res, ns, name, body))
-    }
-
-    /// `PUT` (or a patch's result): replaces the stored object, or only its status.
-    /// A `metadata.resourceVersion` in `new` is a precondition.
-    pub(crate) fn update(
-        &mut self,
-        res: ResId,
-        ns: &str,
-        name: &str,
-        part: Part,
-        new: Value,
-    ) -> Result<Arc<Stored>, ApiError> {
-        let rt = self.registry.get(res).clone();
-        let Some(prev) = self.object(res, ns, name).cloned() else {
-            return Err(ApiError::not_found(&rt, name));
-        };
-        if !new.is_object() || !(new["metadata"].is_object() || new["metadata"].is_null()) {
-            return Err(ApiError::bad_request(
-                "the body is not an object with metadata",
-            ));
-        }
-        if let Some(own) = str_at(&new, "name") {
-            if own != name {
-                let msg = format!(
-                    "the name of the object ({own}) does not match the name on the URL ({name})"
-                );
-                return Err(ApiError::bad_request(msg));
-            }
-        }
-        if rt.namespaced && str_at(&new, "namespace").is_some_and(|n| n != ns) {
-            let msg = "the namespace of the provided object does not match the namespace sent on the request";
-            return Err(ApiError::bad_request(msg));
-        }
-        if let Some(rv) = str_at(&new, "resourceVersion") {
-            if Some(rv) != str_at(&prev.value, "resourceVersion") {
-                return Err(ApiError::modified(&rt, name));
-            }
-        }
-        let mut next = match part {
-            Part::Status => {
-                let mut next = prev.value.clone();
-                next["status"] = new["status"].clone();
-                next
-            }
-            Part::Main => {
-                let mut next = new;
-                if rt.status {
-                    next["status"] = prev.value["status"].clone();
-                }
-                let (m, old) = (&mut next["metadata"], &prev.value["metadata"]);
-                for kept in [
-                    "uid",
-                    "creationTimestamp",
-                    "deletionTimestamp",
-                    "deletionGracePeriodSeconds",
-                    "generation",
-                ] {
-                    match old.get(kept) {
-                        Some(v) => m[kept] = v.clone(),
-                        None => {
-                            if let Some(m) = m.as_object_mut() {
-                                m.remove(kept);
-                            }
-                        }
-                    }
-                }
-                next
-            }
-        };
-        if next["status"].is_null() {
-            if let Some(m) = next.as_object_mut() {
-                m.remove("status");
-            }
-        }
-        next["metadata"]["name"] = json!(name);
-        next["kind"] = json!(rt.kind);
-        next["apiVersion"] = json!(rt.api_version());
-        if let Some(m) = next["metadata"].as_object_mut() {
-            m.remove("resourceVersion");
-        }
-        // No change, no write: the API server answers a no-op update with the stored object.
-        if comparable(&next) == comparable(&prev.value) {
-            return Ok(prev);
-        }
-        if str_at(&prev.value, "deletionTimestamp").is_some() && !has_finalizers(&next) {
-            // The last finalizer is gone: the object goes, in the state this update gave it
-            // (one DELETED event, as the API server's store deletes it in the update).
-            let gone = self.remove_as(res, ns, name, Some(next), true);
-            return Ok(Stored::new(gone.unwrap_or(Value::Null)));
-        }
-        Ok(self.put(res, ns.to_string(), name.to_string(), next))
-    }
-
-    /// `DELETE`: removes the object, or marks it with a `deletionTimestamp` while finalizers
-    /// remain.
-    pub(crate) fn delete(
-        &mut self,
-        res: ResId,
-        ns: &str,
-        name: &str,
-        opts: &DeleteOpts,
-    ) -> Result<Deleted, ApiError> {
-        let rt = self.registry.get(res).clone();
-        let Some(prev) = self.object(res, ns, name).cloned() else {
-            return Err(ApiError::not_found(&rt, name));
-        };
-        let checks = [
-            ("UID", "uid", &opts.uid),
-            ("ResourceVersion", "resourceVersion", &opts.resource_version),
-        ];
-        for (what, field, want) in checks {
-            let have = str_at(&prev.value, field).unwrap_or("");
-            if let Some(want) = want.as_deref().filter(|w| *w != have) {
-                let why = format!("Precondition failed: {what} in precondition: {want}, {what} in object meta: {have}");
-                return Err(ApiError::conflict(&rt, name, &why));
-            }
-        }
-        if has_finalizers(&prev.value) {
-            if str_at(&prev.value, "deletionTimestamp").is_some() {
-                return Ok(Deleted::Pending(prev));
-            }
-            let mut next = prev.value.clone();
-            next["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
-            next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-            return Ok(Deleted::Pending(self.put(
-                res,
-                ns.to_string(),
-                name.to_string(),
-                next,
-            )));
-        }
-        match self.remove(res, ns, name, !opts.orphan) {
-            Some(gone) => Ok(Deleted::Gone(gone)),
-            None => Err(ApiError::not_found(&rt, name)),
-        }
-    }
-}
-
-/// 5 characters from the API server's name-generator alphabet (no vowels, no look-alikes).
-fn random_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let seed = new_uid();
-    let mut h =
-        std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
-    std::hash::Hasher::write(&mut h, seed.as_bytes());
-    let mut x = std::hash::Hasher::finish(&h);
-    (0..5)
-        .map(|_| {
-            let c = ALPHABET[(x % ALPHABET.len() as u64) as usize];
-            x /= ALPHABET.len() as u64;
-            char::from(c)
-        })
-        .collect()
 }
