@@ -1,12 +1,22 @@
-//! A small in-test Kubernetes API server that the real `kube` client and
-//! `kube::runtime::watcher` can list and watch Pods from (plain HTTP on 127.0.0.1). Its own crate
-//! so that tests of anything that watches Pods (the module's route source, the controller) can use
-//! it without Envoy or the e2e harness.
+//! A small in-test Kubernetes API server: a generic object store that the real `kube` client,
+//! `kube::runtime` watchers and controllers (and kubectl) talk to over plain HTTP on 127.0.0.1.
+//! Its own crate so that tests of anything that talks to Kubernetes (the module's route source,
+//! the controller) can use it without Envoy or the e2e harness.
 //!
-//! It is the test double for the gateway's Kubernetes route source, faithful where that source
-//! depends on it:
-//! - `GET /api/v1/pods` and `GET /api/v1/namespaces/{ns}/pods`, with `labelSelector` (`key`,
-//!   `!key`, `key=value`, `key!=value`, comma conjunctions), `resourceVersion`,
+//! **Resources** are a table ([`ResourceType`]: group, version, plural, kind, scope,
+//! subresources, short names; see [`builtin_resources`]): core v1 pods, secrets, events,
+//! services, configmaps, namespaces; `coordination.k8s.io/v1` leases; `discovery.k8s.io/v1`
+//! endpointslices; `events.k8s.io/v1` events; and the custom resources
+//! `sandboxgateway.io/v1alpha1` `sandboxpools` (status and scale subresources) and `sandboxes`
+//! (status). [`FakeApiServer::register_resource`] adds more; an unknown resource is a 404.
+//! Paths: `/api/v1/{plural}`, `/api/v1/namespaces/{ns}/{plural}[/{name}[/status|/scale]]` and
+//! the same under `/apis/{group}/{version}`.
+//!
+//! **Reads**, for every resource, faithful where the gateway's route source and kube's watcher
+//! depend on them:
+//! - get; list and watch with `labelSelector` (`key`, `!key`, `key=value`, `key!=value`, comma
+//!   conjunctions), `fieldSelector` (`path=value`, `path!=value` for any dotted path, e.g.
+//!   `metadata.name`, as kube's `watch_object` sends), `resourceVersion`,
 //!   `resourceVersionMatch`, `limit`/`continue`, `watch`, `allowWatchBookmarks`,
 //!   `timeoutSeconds` and `sendInitialEvents`.
 //! - Paged lists as the API server pages them: `limit=N` returns at most N matching items and an
@@ -22,9 +32,43 @@
 //!   makes it start matching as `ADDED`.
 //! - A resourceVersion older than the compaction point gets an `ERROR` event with a 410
 //!   `Expired` Status, after which kube's watcher relists.
-//! - Test controls: [`FakeApiServer::drop_watches`] cuts watch streams mid-body,
-//!   [`FakeApiServer::stop`] / [`FakeApiServer::restart`] make the server unreachable and bring it
-//!   back on the same port with the same state.
+//!
+//! **Writes**, with the API server's rules (Status errors as it sends them):
+//! - create (`POST`): `generateName` (5 random characters, retried on a collision), `uid`,
+//!   `creationTimestamp`, `generation` 1; 409 `AlreadyExists`; a body `resourceVersion` is a 400.
+//! - replace (`PUT`) and patch (`PATCH`): a `metadata.resourceVersion` in the body (or left in
+//!   the patched object) that is not the stored one is a 409 `Conflict`. Patch types: JSON patch
+//!   (RFC 6902, a failed `test` is a 422 `Invalid` as on the real server), merge patch, strategic
+//!   merge patch (as a merge patch) and server-side apply (as a merge patch of the JSON body,
+//!   field managers ignored, creating a missing object); see the `patch` module. An update that
+//!   changes nothing writes nothing (same resourceVersion, no event).
+//! - With a `status` subresource, writes to the object keep the stored `status` and writes to
+//!   `/status` change only `status` (a create drops `status`). `generation` is bumped when
+//!   anything outside `metadata` and `status` changes. `/scale` answers an `autoscaling/v1`
+//!   Scale built from the resource's scale paths; `PUT`/`PATCH` of it set the spec replicas.
+//! - delete: `preconditions` (`uid`, `resourceVersion`) → 409 on a mismatch; an object with
+//!   finalizers only gets a `deletionTimestamp` (`MODIFIED`) and goes (`DELETED`) when an
+//!   update empties them; once an object is removed, every object whose `ownerReferences` name
+//!   its uid (and has no other owner left) is deleted the same way, like the garbage collector
+//!   (synchronously; `Foreground` is treated as `Background`, `Orphan` skips it). Removals answer
+//!   a `Success` Status. No `deletecollection`, no grace periods, no dry runs.
+//!
+//! **Discovery**: `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}` and
+//! `/version`, in the unaggregated form; `/openapi/*` is a 404. `kubectl get sbp,sbx` works.
+//!
+//! **Test controls**: test-side [`FakeApiServer::apply_object`] / [`get_object`] /
+//! [`list_objects`] / [`delete_object`] (and the Pod shorthands [`FakeApiServer::apply`],
+//! `apply_all`, `get`, `delete`); [`FakeApiServer::inject_conflicts`] and
+//! [`FakeApiServer::inject_errors`] (the next n writes to a resource fail with 409 / 500);
+//! [`FakeApiServer::set_latency`] (every request); [`FakeApiServer::set_watch_lag`] (live watch
+//! events arrive late, reads stay current); [`FakeApiServer::write_counts`] (API writes by verb
+//! and resource); [`FakeApiServer::drop_watches`] cuts watch streams mid-body;
+//! [`FakeApiServer::stop`] / [`FakeApiServer::restart`] make the server unreachable and bring it
+//! back on the same port with the same state.
+//!
+//! [`get_object`]: FakeApiServer::get_object
+//! [`list_objects`]: FakeApiServer::list_objects
+//! [`delete_object`]: FakeApiServer::delete_object
 //!
 //! What kube 5's `watcher` (default `ListWatch`, `MostRecent`) sends, as checked by the tests:
 //! `GET /api/v1/pods?&labelSelector=…&limit=500` (no resourceVersion: a consistent read), then
@@ -34,19 +78,29 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod control_tests;
+mod discovery;
+mod handlers;
 mod http;
+mod listwatch;
+mod objects;
+mod patch;
 pub mod pods;
+pub mod registry;
+mod store;
+#[cfg(test)]
+mod store_tests;
 #[cfg(test)]
 mod tests;
+mod writes;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -55,6 +109,8 @@ pub use pods::{
     fake_pod, set_annotation, set_deletion_timestamp, set_label, set_pod_ip, set_ready,
     LabelSelector,
 };
+pub use registry::{builtin_resources, ResourceType, ScalePaths};
+use store::{Signal, State};
 
 /// Server options.
 #[derive(Clone, Debug)]
@@ -86,84 +142,54 @@ pub struct RequestCounts {
     pub rejected: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum EventType {
-    Added,
-    Modified,
-    Deleted,
+/// API writes received, by verb (each request counts, whether it succeeded, was refused or
+/// hit an injected fault; test-side helpers like [`FakeApiServer::apply_object`] do not).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    /// `POST`s (and server-side applies of a missing object are counted as patches).
+    pub creates: u64,
+    /// `PUT`s, of the object or a subresource.
+    pub updates: u64,
+    /// `PATCH`es, of the object or a subresource.
+    pub patches: u64,
+    /// `DELETE`s.
+    pub deletes: u64,
 }
 
-/// A stored object and its JSON, serialized once when it is written: list pages and watch events
-/// are built from the bytes (as the API server's watch cache keeps serialized objects), so the
-/// server's share of a large list stays small next to the client's.
-#[derive(Debug)]
-struct Stored {
-    value: Value,
-    json: Bytes,
-}
-
-impl Stored {
-    fn new(value: Value) -> Arc<Self> {
-        let json = Bytes::from(value.to_string());
-        Arc::new(Stored { value, json })
+impl WriteCounts {
+    /// All writes.
+    pub fn total(&self) -> u64 {
+        self.creates + self.updates + self.patches + self.deletes
     }
-}
-
-/// One logged mutation: the object after it (for a delete: the final object) and before it.
-#[derive(Debug)]
-struct LogEntry {
-    rv: u64,
-    ty: EventType,
-    ns: String,
-    obj: Arc<Stored>,
-    prev: Option<Arc<Stored>>,
 }
 
 /// Paged lists whose snapshots are kept for their next pages, newest first; an older one's
 /// next page gets 410 `Expired`, as a real API server answers a compacted continue token.
 pub const MAX_LIST_SNAPSHOTS: usize = 64;
 
-/// The objects a paged list is served from: every pod in the list's namespace scope when its
-/// first page was asked for, in key order, and that moment's resourceVersion.
-struct Snapshot {
-    rv: u64,
-    items: Arc<Vec<Arc<Stored>>>,
-}
-
-/// What open watch streams are told.
-#[derive(Clone, Debug)]
-enum Signal {
-    Event(Arc<LogEntry>),
-    Bookmark,
-    Drop,
-}
-
-#[derive(Default)]
-struct State {
-    rv: u64,
-    /// Watches from a resourceVersion below this get 410 Expired.
-    compacted: u64,
-    pods: BTreeMap<(String, String), Arc<Stored>>,
-    log: Vec<Arc<LogEntry>>,
-    /// Paged lists in flight, by the id their continue tokens carry; oldest first.
-    snapshots: BTreeMap<u64, Snapshot>,
-    next_snapshot: u64,
-    counts: RequestCounts,
-    requests: Vec<String>,
-    /// Time spent building and serializing list responses (not sending them).
-    list_time: Duration,
-}
-
 struct Shared {
     state: Mutex<State>,
     signals: broadcast::Sender<Signal>,
     opts: Options,
+    addr: SocketAddr,
+    /// [`FakeApiServer::set_latency`], in nanoseconds.
+    latency: AtomicU64,
+    /// [`FakeApiServer::set_watch_lag`], in nanoseconds.
+    watch_lag: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not wedge every other connection.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency.load(Ordering::Relaxed))
+    }
+
+    fn watch_lag(&self) -> Duration {
+        Duration::from_nanos(self.watch_lag.load(Ordering::Relaxed))
     }
 }
 
@@ -192,9 +218,12 @@ impl FakeApiServer {
         let addr = listener.local_addr()?;
         let (signals, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(signals.clone())),
             signals,
             opts,
+            addr,
+            latency: AtomicU64::new(0),
+            watch_lag: AtomicU64::new(0),
         });
         let server = Self {
             shared,
@@ -250,109 +279,6 @@ impl FakeApiServer {
             url = self.url()
         );
         std::fs::write(path, text)
-    }
-
-    /// Creates or updates a Pod (keyed by `metadata.namespace`/`metadata.name`); emits
-    /// `ADDED` or `MODIFIED`. An update keeps the stored `uid` and `creationTimestamp`, like
-    /// the API server. Returns the stored object with its new `resourceVersion`.
-    ///
-    /// # Panics
-    /// If the object has no `metadata.name` (a test bug, not a server path).
-    pub fn apply(&self, pod: Value) -> Value {
-        let mut st = self.shared.lock();
-        self.apply_locked(&mut st, pod).value.clone()
-    }
-
-    /// [`apply`](Self::apply) for many pods at once, under one lock, without handing each stored
-    /// object back: how a test fills the server with 100k pods quickly. Every pod still gets its
-    /// own resourceVersion and event (a watch open meanwhile that cannot keep up is closed, as
-    /// the API server closes slow watchers). Returns the resourceVersion after the last one.
-    ///
-    /// # Panics
-    /// If an object has no `metadata.name`.
-    pub fn apply_all(&self, pods: impl IntoIterator<Item = Value>) -> u64 {
-        let mut st = self.shared.lock();
-        for pod in pods {
-            self.apply_locked(&mut st, pod);
-        }
-        st.rv
-    }
-
-    fn apply_locked(&self, st: &mut State, mut pod: Value) -> Arc<Stored> {
-        let name = pod["metadata"]["name"].as_str().map(str::to_string);
-        let name = name
-            .unwrap_or_else(|| panic!("FakeApiServer::apply: pod without metadata.name: {pod}"));
-        let ns = pod["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
-        st.rv += 1;
-        let rv = st.rv;
-        let key = (ns.clone(), name);
-        let prev = st.pods.get(&key).cloned();
-        let meta = &mut pod["metadata"];
-        meta["namespace"] = json!(ns);
-        meta["resourceVersion"] = json!(rv.to_string());
-        if let Some(prev) = &prev {
-            meta["uid"] = prev.value["metadata"]["uid"].clone();
-            meta["creationTimestamp"] = prev.value["metadata"]["creationTimestamp"].clone();
-        } else if meta["uid"].as_str().is_none() {
-            meta["uid"] = json!(pods::new_uid());
-        }
-        let stored = Stored::new(pod);
-        st.pods.insert(key, Arc::clone(&stored));
-        let ty = if prev.is_some() {
-            EventType::Modified
-        } else {
-            EventType::Added
-        };
-        self.record(
-            st,
-            LogEntry {
-                rv,
-                ty,
-                ns,
-                obj: Arc::clone(&stored),
-                prev,
-            },
-        );
-        stored
-    }
-
-    /// Deletes a Pod; emits `DELETED` with the final object (at a new resourceVersion).
-    /// Returns that object, or `None` if there was no such Pod.
-    pub fn delete(&self, ns: &str, name: &str) -> Option<Value> {
-        let mut st = self.shared.lock();
-        let prev = st.pods.remove(&(ns.to_string(), name.to_string()))?;
-        st.rv += 1;
-        let rv = st.rv;
-        let mut obj = prev.value.clone();
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let entry = LogEntry {
-            rv,
-            ty: EventType::Deleted,
-            ns: ns.to_string(),
-            obj: Stored::new(obj.clone()),
-            prev: Some(prev),
-        };
-        self.record(&mut st, entry);
-        Some(obj)
-    }
-
-    fn record(&self, st: &mut State, entry: LogEntry) {
-        let entry = Arc::new(entry);
-        st.log.push(entry.clone());
-        // Sent under the lock so every watch sees events in resourceVersion order.
-        let _ = self.shared.signals.send(Signal::Event(entry));
-    }
-
-    /// The stored Pod, if any.
-    pub fn get(&self, ns: &str, name: &str) -> Option<Value> {
-        self.shared
-            .lock()
-            .pods
-            .get(&(ns.to_string(), name.to_string()))
-            .map(|p| p.value.clone())
     }
 
     /// The current global resourceVersion.

@@ -13,6 +13,7 @@ use kube::ResourceExt;
 
 use super::*;
 use routing::contract::{PORT_ANNOTATION, SANDBOX_ID_LABEL};
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
 
