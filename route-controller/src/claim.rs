@@ -37,7 +37,9 @@ pub fn secret_name(sbx: &Sandbox) -> String {
 
 /// Creates the sandbox's token Secret (owned by the Sandbox), or reads the existing one.
 pub async fn ensure_token(ctx: &Context, sbx: &Sandbox) -> Result<String> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = secret_name(sbx);
     let token = crate::ids::new_token()?;
@@ -97,23 +99,30 @@ pub async fn bind_warm(
     id: &str,
     token_sha: Option<&str>,
 ) -> Result<Bound> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let hash = template_hash(pool)?;
     let cached = pool_pods(ctx, &ns, &pool.name_any());
     let infos: Vec<_> = cached.iter().map(|p| pod_info(p, &hash)).collect();
     let reserved = ctx.reserved();
     let order: Vec<String> = ctx.with_pool(&ns, &pool.name_any(), |st| {
-        candidates(&infos, &reserved, |uid| st.expectations.is_pending_delete(uid))
-            .into_iter()
-            .map(|p| p.uid.clone())
-            .collect()
+        candidates(&infos, &reserved, |uid| {
+            st.expectations.is_pending_delete(uid)
+        })
+        .into_iter()
+        .map(|p| p.uid.clone())
+        .collect()
     });
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for uid in order {
         if !ctx.reserve(&uid) {
             continue;
         }
-        let Some(pod) = cached.iter().find(|p| p.uid().as_deref() == Some(uid.as_str())) else {
+        let Some(pod) = cached
+            .iter()
+            .find(|p| p.uid().as_deref() == Some(uid.as_str()))
+        else {
             ctx.unreserve(&uid);
             continue;
         };
@@ -155,9 +164,18 @@ pub async fn bind_cold(
     id: &str,
     token_sha: Option<&str>,
 ) -> Result<Bound> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod = cold_pod(pool, &template_hash(pool)?, sbx, id, settings.port, token_sha)?;
+    let pod = cold_pod(
+        pool,
+        &template_hash(pool)?,
+        sbx,
+        id,
+        settings.port,
+        token_sha,
+    )?;
     ctx.leader.check()?;
     let p = pods.create(&PostParams::default(), &pod).await?;
     Ok(Bound::Pod(Box::new(p), Launch::Cold))
@@ -179,14 +197,20 @@ pub async fn record(
     pod: &Pod,
     status: SandboxStatus,
 ) -> Result<bool> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let mut rv = sbx.resource_version();
     for _ in 0..5 {
         ctx.leader.check()?;
         let patch = json!({ "metadata": { "resourceVersion": rv }, "status": status });
         match api
-            .patch_status(&sbx.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                &sbx.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => return Ok(true),

@@ -45,7 +45,9 @@ pub struct ReleaseArgs {
 
 /// Creates a Sandbox and (with `--wait`) waits for it.
 pub async fn claim(a: ClaimArgs) -> Result<()> {
-    let client = kube::Client::try_default().await.context("Kubernetes credentials")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes credentials")?;
     let api: Api<Sandbox> = Api::namespaced(client.clone(), &a.namespace);
     let mut sbx = Sandbox::new(
         "",
@@ -126,7 +128,9 @@ fn print_result(a: &ClaimArgs, s: &Sandbox, token: Option<String>) {
 
 /// Deletes the Sandbox with this ID (or name); the controller takes its route away first.
 pub async fn release(a: ReleaseArgs) -> Result<()> {
-    let client = kube::Client::try_default().await.context("Kubernetes credentials")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes credentials")?;
     let all: Api<Sandbox> = match &a.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -145,7 +149,8 @@ pub async fn release(a: ReleaseArgs) -> Result<()> {
     };
     let ns = sbx.namespace().context("namespace")?;
     let api: Api<Sandbox> = Api::namespaced(client, &ns);
-    api.delete(&sbx.name_any(), &DeleteParams::default()).await?;
+    api.delete(&sbx.name_any(), &DeleteParams::default())
+        .await?;
     println!("released {ns}/{}", sbx.name_any());
     Ok(())
 }

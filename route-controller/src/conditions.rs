@@ -53,13 +53,41 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_a_flip() {
         let mut c = Vec::new();
-        assert!(set_condition(&mut c, Some(1), "Ready", false, "Filling", "0 of 3"));
+        assert!(set_condition(
+            &mut c,
+            Some(1),
+            "Ready",
+            false,
+            "Filling",
+            "0 of 3"
+        ));
         let t0 = c[0].last_transition_time.clone();
-        assert!(!set_condition(&mut c, Some(1), "Ready", false, "Filling", "0 of 3"));
-        assert!(set_condition(&mut c, Some(1), "Ready", false, "Filling", "1 of 3"));
+        assert!(!set_condition(
+            &mut c,
+            Some(1),
+            "Ready",
+            false,
+            "Filling",
+            "0 of 3"
+        ));
+        assert!(set_condition(
+            &mut c,
+            Some(1),
+            "Ready",
+            false,
+            "Filling",
+            "1 of 3"
+        ));
         assert_eq!(c[0].last_transition_time, t0);
         std::thread::sleep(std::time::Duration::from_millis(2));
-        assert!(set_condition(&mut c, Some(1), "Ready", true, "Full", "3 of 3"));
+        assert!(set_condition(
+            &mut c,
+            Some(1),
+            "Ready",
+            true,
+            "Full",
+            "3 of 3"
+        ));
         assert_ne!(c[0].last_transition_time, t0);
         assert!(clear_condition(&mut c, "Ready") && c.is_empty());
         assert!(!clear_condition(&mut c, "Ready"));

@@ -88,6 +88,9 @@ pub struct Context {
     /// UIDs of pods a claim in this process is binding (so concurrent claims pick different
     /// pods instead of racing to a 409).
     reserved: Mutex<HashSet<String>>,
+    /// Statuses this replica recorded on claims, by Sandbox UID, until the watch cache shows
+    /// them: a reconcile that reads a stale Sandbox must not claim a second pod for it.
+    bound: Mutex<HashMap<String, crate::crd::SandboxStatus>>,
     /// IDs this replica released (never drawn again while it runs).
     released_ids: Mutex<HashSet<String>>,
     /// Each activity endpoint's eviction count at the previous idle pass.
@@ -134,6 +137,7 @@ impl Context {
             recorder,
             pools_state: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashSet::new()),
+            bound: Mutex::new(HashMap::new()),
             released_ids: Mutex::new(HashSet::new()),
             evicted_seen: Mutex::new(HashMap::new()),
         })
@@ -167,6 +171,29 @@ impl Context {
 
     pub fn reserved(&self) -> HashSet<String> {
         lock(&self.reserved).clone()
+    }
+
+    /// Remembers the status a claim recorded.
+    pub fn note_bound(&self, sandbox_uid: &str, st: crate::crd::SandboxStatus) {
+        lock(&self.bound).insert(sandbox_uid.to_string(), st);
+    }
+
+    /// The status to act on: the cached one, unless this replica recorded a claim the cache
+    /// does not show yet (then that claim's status). Forgets entries the cache caught up with.
+    pub fn current_status(
+        &self,
+        sandbox_uid: &str,
+        cached: Option<&crate::crd::SandboxStatus>,
+    ) -> crate::crd::SandboxStatus {
+        let mut b = lock(&self.bound);
+        match (cached, b.get(sandbox_uid)) {
+            (Some(c), Some(_)) if c.pod_uid.is_some() => {
+                b.remove(sandbox_uid);
+                c.clone()
+            }
+            (_, Some(mine)) => mine.clone(),
+            (c, None) => c.cloned().unwrap_or_default(),
+        }
     }
 
     pub fn note_released(&self, id: &str) {

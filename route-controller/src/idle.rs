@@ -153,7 +153,10 @@ async fn look(ctx: &Context, replicas: &Replicas, ids: &[String]) -> Result<Sigh
     .await;
     let mut seen = ctx.evicted_seen.lock().unwrap_or_else(|e| e.into_inner());
     merge(&replies, &mut seen).map_err(|b| {
-        ctx.metrics.idle_passes.with_label_values(&[b.label()]).inc();
+        ctx.metrics
+            .idle_passes
+            .with_label_values(&[b.label()])
+            .inc();
         format!("{b:?}")
     })
 }
@@ -185,11 +188,16 @@ pub async fn pass(ctx: &Context, replicas: &Replicas) -> Result<usize> {
             return Ok(0);
         }
     };
-    ctx.metrics.idle_passes.with_label_values(&["sighted"]).inc();
+    ctx.metrics
+        .idle_passes
+        .with_label_values(&["sighted"])
+        .inc();
     let now = now_ms();
     let mut marked = 0;
     for sbx in ctx.sandboxes.state() {
-        let Some(st) = sbx.status.as_ref() else { continue };
+        let Some(st) = sbx.status.as_ref() else {
+            continue;
+        };
         if st.phase != Phase::Ready || sbx.metadata.deletion_timestamp.is_some() {
             continue;
         }
@@ -214,14 +222,20 @@ pub async fn pass(ctx: &Context, replicas: &Replicas) -> Result<usize> {
 }
 
 async fn store_last_active(ctx: &Context, sbx: &Sandbox, at_ms: u64) -> Result<()> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let t = jiff::Timestamp::from_millisecond(i64::try_from(at_ms).unwrap_or(i64::MAX))
         .unwrap_or_else(|_| jiff::Timestamp::now());
     ctx.leader.check()?;
     let patch = json!({ "status": { "lastActiveAt": Time(t) } });
-    api.patch_status(&sbx.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch_status(
+        &sbx.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -233,12 +247,16 @@ async fn recheck_and_mark(
     cached: &Sandbox,
     id: &str,
 ) -> Result<bool> {
-    let ns = cached.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = cached
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let fresh = api.get(&cached.name_any()).await?;
-    let same = fresh.status.as_ref().is_some_and(|s| {
-        s.phase == Phase::Ready && s.sandbox_id.as_deref() == Some(id)
-    }) && fresh.metadata.deletion_timestamp.is_none();
+    let same = fresh
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Phase::Ready && s.sandbox_id.as_deref() == Some(id))
+        && fresh.metadata.deletion_timestamp.is_none();
     let Some(c) = clock(ctx, &fresh).filter(|_| same) else {
         return Ok(false);
     };
@@ -258,7 +276,11 @@ async fn recheck_and_mark(
         "status": { "phase": Phase::Releasing, "releaseReason": ReleaseReason::Idle },
     });
     match api
-        .patch_status(&fresh.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(
+            &fresh.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(_) => {

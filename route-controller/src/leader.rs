@@ -54,7 +54,9 @@ impl Leadership {
     pub fn always() -> Self {
         let (changed, _) = watch::channel(true);
         Leadership {
-            until: Mutex::new(Some(Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600))),
+            until: Mutex::new(Some(
+                Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+            )),
             changed,
         }
     }

@@ -8,11 +8,15 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use sandbox_controller::context::{Config, Replicas};
-use sandbox_controller::leader::{LeaseConfig, Leadership};
+use sandbox_controller::leader::{Leadership, LeaseConfig};
 use sandbox_controller::{cli, metrics, run};
 
 #[derive(Parser)]
-#[command(name = "sandbox-controller", version, about = "sandbox-gateway's control plane")]
+#[command(
+    name = "sandbox-controller",
+    version,
+    about = "sandbox-gateway's control plane"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -36,7 +40,11 @@ struct RunArgs {
     #[arg(long, env = "SANDBOX_CONTROLLER_NAMESPACE")]
     namespace: Option<String>,
     /// `/metrics`, `/healthz`, `/readyz`.
-    #[arg(long, env = "SANDBOX_CONTROLLER_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "SANDBOX_CONTROLLER_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_bind_address: SocketAddr,
     /// Elect a leader on a Lease (run two replicas); off: this replica always leads.
     #[arg(long, env = "SANDBOX_CONTROLLER_LEADER_ELECT", default_value_t = false)]
@@ -44,7 +52,11 @@ struct RunArgs {
     /// The Lease's namespace (default: the pod's, from POD_NAMESPACE).
     #[arg(long, env = "SANDBOX_CONTROLLER_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
-    #[arg(long, env = "SANDBOX_CONTROLLER_LEASE_NAME", default_value = "sandbox-controller")]
+    #[arg(
+        long,
+        env = "SANDBOX_CONTROLLER_LEASE_NAME",
+        default_value = "sandbox-controller"
+    )]
     lease_name: String,
     /// Lease duration, e.g. `15s`.
     #[arg(long, env = "SANDBOX_CONTROLLER_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -57,7 +69,11 @@ struct RunArgs {
     #[arg(long, env = "SANDBOX_CONTROLLER_ACTIVITY_SERVICE")]
     activity_service: Option<String>,
     /// sandbox-extproc replicas as a fixed list of `http://host:port` (comma-separated).
-    #[arg(long, env = "SANDBOX_CONTROLLER_ACTIVITY_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SANDBOX_CONTROLLER_ACTIVITY_ENDPOINTS",
+        value_delimiter = ','
+    )]
     activity_endpoints: Vec<String>,
     /// File holding the ActivityService bearer token.
     #[arg(long, env = "SANDBOX_CONTROLLER_ACTIVITY_TOKEN_FILE")]
@@ -182,8 +198,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -53,7 +53,11 @@ impl Metrics {
             "claims by pool, launch and result",
             &["pool", "launch", "result"],
         )?;
-        let releases = counters("releases_total", "sandboxes released, by reason", &["reason"])?;
+        let releases = counters(
+            "releases_total",
+            "sandboxes released, by reason",
+            &["reason"],
+        )?;
         let idle_passes = counters("idle_passes_total", "idle passes by result", &["result"])?;
         let reconcile_errors = counters(
             "reconcile_errors_total",
@@ -65,7 +69,11 @@ impl Metrics {
             "sandbox phase transitions",
             &["from_phase", "to_phase"],
         )?;
-        let pool_writes = counters("pool_pod_writes_total", "pool pod creates and deletes", &["op"])?;
+        let pool_writes = counters(
+            "pool_pod_writes_total",
+            "pool pod creates and deletes",
+            &["op"],
+        )?;
         let claim_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "claim_duration_seconds",

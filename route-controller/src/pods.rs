@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, TestOperation};
 use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, TestOperation};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
@@ -62,7 +62,10 @@ pub fn pod_info(pod: &Pod, current_hash: &str) -> PodInfo {
         terminated: matches!(phase, Some("Failed") | Some("Succeeded")),
         deleting: pod.metadata.deletion_timestamp.is_some(),
         claimed: is_claimed(pod),
-        current: pod.annotations().get(TEMPLATE_HASH_ANNOTATION).map(String::as_str)
+        current: pod
+            .annotations()
+            .get(TEMPLATE_HASH_ANNOTATION)
+            .map(String::as_str)
             == Some(current_hash),
     }
 }

@@ -29,7 +29,9 @@ pub fn pool_pods(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
 
 /// Reconciles one pool.
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = pool.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = pool
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = pool.name_any();
     if pool.metadata.deletion_timestamp.is_some() {
         // Its warm pods go with it (owner references); its sandboxes see it missing.
@@ -60,7 +62,13 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
             );
             st.observed_generation = pool.metadata.generation;
             if changed {
-                ctx.event(&*pool, true, "TemplateInvalid", "Validate", invalid.to_string());
+                ctx.event(
+                    &*pool,
+                    true,
+                    "TemplateInvalid",
+                    "Validate",
+                    invalid.to_string(),
+                );
             }
             write_status(&api_pool, &pool, st).await?;
             return Ok(Action::await_change());
@@ -96,7 +104,9 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
         ctx.metrics.pool_writes.with_label_values(&["create"]).inc();
         created += 1;
         if let Some(uid) = got.uid() {
-            ctx.with_pool(&ns, &name, |st| st.expectations.expect_create(uid, deadline));
+            ctx.with_pool(&ns, &name, |st| {
+                st.expectations.expect_create(uid, deadline)
+            });
         }
     }
     for (pod_name, uid, rv, why) in &p.delete {
@@ -191,8 +201,12 @@ async fn write_status(
         return Ok(());
     }
     let patch = json!({ "status": st });
-    api.patch_status(&pool.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch_status(
+        &pool.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Wiring: the shared watch caches, the two controllers, the idle pass and leader election.
 //!
-//! One pod watch (every pod carrying the pool label) feeds the claim cache and triggers both
-//! controllers: a pool reconciles when its pods change; a sandbox reconciles when its pod
+//! A pod watch (every pod carrying the pool label) feeds the claim cache, and each controller
+//! watches pods for its triggers: a pool reconciles when its pods change; a sandbox reconciles when its pod
 //! changes and, while it waits for a warm pod, when a pod of its pool changes (waiting is
 //! watch-driven, never a poll). Every replica runs the caches; only the leader writes.
 
@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 
@@ -76,28 +76,24 @@ pub async fn run(
     let ns = ns.as_deref();
     let pod_cfg = watcher::Config::default().labels(POOL_LABEL);
 
-    let (pods, pod_writer) = reflector::store_shared::<Pod>(1024);
-    let pod_sub_pools = pod_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pod store"))?;
-    let pod_sub_sbx = pod_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pod store"))?;
-    let pod_watch = watcher(api::<Pod>(&client, ns), pod_cfg)
-        .default_backoff()
-        .reflect_shared(pod_writer)
-        .for_each(|_| std::future::ready(()));
+    // The claim cache: every pool pod. The controllers watch pods again for their triggers
+    // (kube's shared streams drop deletions, and a deleted pod must wake its pool and its
+    // sandbox), so a pod event costs three watch deliveries; the store is kept once.
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_watch = reflector(
+        pod_writer,
+        watcher(api::<Pod>(&client, ns), pod_cfg.clone()),
+    )
+    .default_backoff()
+    .for_each(|_| std::future::ready(()));
 
-    let (pools, pool_writer) = reflector::store_shared::<SandboxPool>(256);
-    let pool_sub = pool_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pool store"))?;
-    let pool_sub_sbx = pool_writer.subscribe().ok_or_else(|| anyhow::anyhow!("pool store"))?;
-    let pool_watch = watcher(api::<SandboxPool>(&client, ns), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(pool_writer)
-        .for_each(|_| std::future::ready(()));
-
-    let (sandboxes, sbx_writer) = reflector::store_shared::<Sandbox>(1024);
-    let sbx_sub = sbx_writer.subscribe().ok_or_else(|| anyhow::anyhow!("sandbox store"))?;
-    let sbx_watch = watcher(api::<Sandbox>(&client, ns), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(sbx_writer)
-        .for_each(|_| std::future::ready(()));
+    let ctl_cfg = ControllerConfig::default().concurrency(64);
+    let pool_ctl = Controller::new(api::<SandboxPool>(&client, ns), watcher::Config::default())
+        .with_config(ctl_cfg.clone());
+    let pools = pool_ctl.store();
+    let sbx_ctl = Controller::new(api::<Sandbox>(&client, ns), watcher::Config::default())
+        .with_config(ctl_cfg);
+    let sandboxes = sbx_ctl.store();
 
     let ctx = Context::new(
         client.clone(),
@@ -109,37 +105,48 @@ pub async fn run(
         leader.clone(),
     );
 
-    let ctl_cfg = ControllerConfig::default().concurrency(64);
-    let pool_ctl = Controller::for_shared_stream(pool_sub, pools.clone())
-        .with_config(ctl_cfg.clone())
-        .watches_shared_stream(pod_sub_pools, |pod: Arc<Pod>| {
+    let pool_ctl = pool_ctl
+        .watches(api::<Pod>(&client, ns), pod_cfg.clone(), |pod: Pod| {
             let ns = pod.namespace().unwrap_or_default();
             pod.labels()
                 .get(POOL_LABEL)
                 .map(|p| ObjectRef::<SandboxPool>::new(p).within(&ns))
         })
-        .run(crate::pool::reconcile, crate::pool::error_policy, ctx.clone())
+        .run(
+            crate::pool::reconcile,
+            crate::pool::error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| std::future::ready(()));
 
     let sbx_store = sandboxes.clone();
     let sbx_store2 = sandboxes.clone();
     let secret_cfg = watcher::Config::default().labels(crate::crd::SANDBOX_NAME_ANNOTATION);
-    let sbx_ctl = Controller::for_shared_stream(sbx_sub, sandboxes.clone())
-        .with_config(ctl_cfg)
-        .watches_shared_stream(pod_sub_sbx, move |pod: Arc<Pod>| {
+    let sbx_ctl = sbx_ctl
+        .watches(api::<Pod>(&client, ns), pod_cfg, move |pod: Pod| {
             pod_to_sandboxes(&pod, &sbx_store)
         })
-        .watches_shared_stream(pool_sub_sbx, move |pool: Arc<SandboxPool>| {
-            let ns = pool.namespace().unwrap_or_default();
-            let name = pool.name_any();
-            sbx_store2
-                .state_filter(|s| s.namespace().as_deref() == Some(&ns) && s.spec.pool_ref == name)
-                .iter()
-                .map(|s| ObjectRef::from_obj(&**s))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            api::<SandboxPool>(&client, ns),
+            watcher::Config::default(),
+            move |pool: SandboxPool| {
+                let ns = pool.namespace().unwrap_or_default();
+                let name = pool.name_any();
+                sbx_store2
+                    .state_filter(|s| {
+                        s.namespace().as_deref() == Some(&ns) && s.spec.pool_ref == name
+                    })
+                    .iter()
+                    .map(|s| ObjectRef::from_obj(&**s))
+                    .collect::<Vec<_>>()
+            },
+        )
         .owns(api::<Secret>(&client, ns), secret_cfg)
-        .run(crate::sandbox::reconcile, crate::sandbox::error_policy, ctx.clone())
+        .run(
+            crate::sandbox::reconcile,
+            crate::sandbox::error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| std::future::ready(()));
 
     let ready = {
@@ -175,8 +182,6 @@ pub async fn run(
 
     tokio::select! {
         _ = pod_watch => {}
-        _ = pool_watch => {}
-        _ = sbx_watch => {}
         _ = controllers => {}
         _ = ready => {}
     }

@@ -27,7 +27,9 @@ fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
 
 /// Reconciles one sandbox.
 pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     if sbx.metadata.deletion_timestamp.is_some() {
         if sbx.finalizers().iter().any(|f| f == FINALIZER) {
             ctx.leader.check()?;
@@ -46,11 +48,22 @@ pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
         let patch = json!({ "metadata": {
             "finalizers": f, "resourceVersion": sbx.resource_version() }});
         Arc::new(
-            api.patch(&sbx.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await?,
+            api.patch(
+                &sbx.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?,
         )
     };
-    let status = sbx.status.clone().unwrap_or_default();
+    let status = ctx.current_status(&sbx.uid().unwrap_or_default(), sbx.status.as_ref());
+    let sbx: Arc<Sandbox> = if sbx.status.as_ref() == Some(&status) {
+        sbx
+    } else {
+        let mut s = (*sbx).clone();
+        s.status = Some(status.clone());
+        Arc::new(s)
+    };
     match status.phase {
         Phase::Released | Phase::Failed => Ok(Action::await_change()),
         Phase::Releasing => {
@@ -92,7 +105,9 @@ async fn hold(
     }
     st.phase = phase;
     ctx.event(sbx, true, reason, "Claim", msg);
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     ctx.leader.check()?;
     api.patch_status(
@@ -105,7 +120,9 @@ async fn hold(
 }
 
 async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let pool_name = sbx.spec.pool_ref.clone();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         let msg = format!("SandboxPool {ns}/{pool_name} does not exist");
@@ -117,7 +134,15 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     {
         Ok(s) => s,
         Err(invalid) => {
-            hold(ctx, sbx, Phase::Pending, "Invalid", "Invalid", invalid.to_string()).await?;
+            hold(
+                ctx,
+                sbx,
+                Phase::Pending,
+                "Invalid",
+                "Invalid",
+                invalid.to_string(),
+            )
+            .await?;
             return Ok(Action::await_change());
         }
     };
@@ -131,9 +156,8 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let id = crate::ids::new_unique_id(|c| ctx.id_taken(c))?;
     let mut bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
     if matches!(bound, Bound::Empty) {
-        let age_ms = now_ms().saturating_sub(
-            sbx.metadata.creation_timestamp.as_ref().map_or(0, ms),
-        );
+        let age_ms =
+            now_ms().saturating_sub(sbx.metadata.creation_timestamp.as_ref().map_or(0, ms));
         let wait_ms = u64::try_from(pool_settings.claim_wait.as_millis()).unwrap_or(u64::MAX);
         match pool_settings.on_empty {
             OnEmpty::Cold => {
@@ -170,7 +194,12 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     if !record(ctx, sbx, &pod, st.clone()).await? {
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
-    let launch_label = if launch == Launch::Warm { "warm" } else { "cold" };
+    ctx.note_bound(&sbx.uid().unwrap_or_default(), st.clone());
+    let launch_label = if launch == Launch::Warm {
+        "warm"
+    } else {
+        "cold"
+    };
     ctx.metrics
         .claims
         .with_label_values(&[&pool_name, launch_label, "bound"])
@@ -187,7 +216,10 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         false,
         "Claimed",
         "Claim",
-        format!("bound pod {} ({launch_label}) as sandbox {id}", pod.name_any()),
+        format!(
+            "bound pod {} ({launch_label}) as sandbox {id}",
+            pod.name_any()
+        ),
     );
     Ok(next_check(&settings, &st))
 }
@@ -214,14 +246,16 @@ fn next_check(settings: &SandboxSettings, st: &crate::crd::SandboxStatus) -> Act
 
 /// A bound sandbox: turn Ready with its pod, expire, or release when the pod or pool is gone.
 async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
-    let ns = sbx.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let mut st = sbx.status.clone().unwrap_or_default();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
         return Ok(Action::await_change());
     };
-    let settings = PoolSettings::resolve(&pool.spec)
-        .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
+    let settings =
+        PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
     let Ok(settings) = settings else {
         // The pool or the overrides became invalid after the claim: keep serving as bound.
         return Ok(Action::requeue(Duration::from_secs(60)));
@@ -248,9 +282,13 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         // Confirm with the API server before releasing: the cache may lag our own claim.
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         match pods.get(&name).await {
-            Ok(p) if p.uid() == st.pod_uid && p.metadata.deletion_timestamp.is_none()
-                && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Failed") | Some("Succeeded")) =>
+            Ok(p)
+                if p.uid() == st.pod_uid
+                    && p.metadata.deletion_timestamp.is_none()
+                    && !matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Failed") | Some("Succeeded")
+                    ) =>
             {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
@@ -269,7 +307,11 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         ));
         st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
         changed = true;
-        let launch = if st.launch == Some(Launch::Cold) { "cold" } else { "warm" };
+        let launch = if st.launch == Some(Launch::Cold) {
+            "cold"
+        } else {
+            "warm"
+        };
         observe_ready(ctx, sbx, launch);
         ctx.metrics
             .transitions

@@ -73,7 +73,10 @@ fn pods_created_but_not_yet_seen_are_supply_until_their_deadline() {
     };
     exp.observe(std::slice::from_ref(&seen), NOW);
     assert_eq!(exp.pending_creates(), 2);
-    assert_eq!(plan(3, std::slice::from_ref(&seen), &exp, NOW, STARTUP, 100).create, 0);
+    assert_eq!(
+        plan(3, std::slice::from_ref(&seen), &exp, NOW, STARTUP, 100).create,
+        0
+    );
     // The other two never arrive: after the deadline they are assumed lost.
     assert_eq!(exp.observe(std::slice::from_ref(&seen), NOW + 30_001), 2);
     assert_eq!(plan(3, &[seen], &exp, NOW + 30_001, STARTUP, 100).create, 2);

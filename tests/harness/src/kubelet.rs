@@ -58,7 +58,12 @@ struct Running {
 fn next_ip() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(256 + 1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    Ipv4Addr::new(127, ((n >> 16) & 0xff) as u8, ((n >> 8) & 0xff) as u8, (n & 0xff) as u8)
+    Ipv4Addr::new(
+        127,
+        ((n >> 16) & 0xff) as u8,
+        ((n >> 8) & 0xff) as u8,
+        (n & 0xff) as u8,
+    )
 }
 
 fn key(p: &Pod) -> String {
@@ -80,18 +85,25 @@ impl TestKubelet {
                 match ev {
                     Event::Apply(p) | Event::InitApply(p) => {
                         if p.metadata.deletion_timestamp.is_some() {
-                            r2.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(&p));
+                            r2.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&key(&p));
                             continue;
                         }
                         let k = key(&p);
-                        let fresh = !r2.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&k);
+                        let fresh = !r2
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .contains_key(&k);
                         let has_ip = p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
                         if fresh && !has_ip {
                             start_pod(&client, &p, &opts, &r2).await;
                         }
                     }
                     Event::Delete(p) => {
-                        r2.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(&p));
+                        r2.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key(&p));
                     }
                     Event::Init | Event::InitDone => {}
                 }
@@ -134,10 +146,13 @@ async fn start_pod(
         .await
         .map_err(|e| tracing::warn!(pod = %name, error = %e, "sandbox server did not start"))
         .ok();
-    running
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key(p), Running { ip, _server: server });
+    running.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        key(p),
+        Running {
+            ip,
+            _server: server,
+        },
+    );
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let status = move |ready: bool, phase: &str| {
         json!({ "status": {
@@ -152,7 +167,11 @@ async fn start_pod(
         }})
     };
     let _ = api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status(false, "Running")))
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&status(false, "Running")),
+        )
         .await;
     let fail = (opts.fail)(&name);
     let delay = opts.ready_after;
@@ -160,7 +179,11 @@ async fn start_pod(
     let key = key(p);
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        if !running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key) {
+        if !running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&key)
+        {
             return; // deleted meanwhile
         }
         let body = if fail {
@@ -175,6 +198,7 @@ async fn start_pod(
 }
 
 fn jiff_now() -> serde_json::Value {
-    let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let t =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     serde_json::to_value(t).unwrap_or_default()
 }
