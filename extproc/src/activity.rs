@@ -51,7 +51,7 @@ impl Activity {
             .last_flush_ms
             .swap(now, Ordering::Relaxed)
             .saturating_sub(routing::activity::REPORT_OVERLAP_MS);
-        let snap = self.table.activity().snapshot(since);
+        let snap = self.table.activity().snapshot(since, now);
         self.agg.merge(snap.iter().map(|(id, t)| (&**id, *t)));
     }
 

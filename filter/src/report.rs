@@ -183,7 +183,7 @@ async fn session(
         }
         let now = now_ms();
         let full = since.is_none();
-        let snap = table.activity().snapshot(since.unwrap_or(0));
+        let snap = table.activity().snapshot(since.unwrap_or(0), now);
         if !full && snap.is_empty() {
             since = Some(now.saturating_sub(REPORT_OVERLAP_MS));
             continue;

@@ -101,12 +101,18 @@ impl ActivityTracker {
             .remove(id);
     }
 
-    /// `(id, last_ms)` for every sandbox seen active at or after `since_ms`.
-    pub fn snapshot(&self, since_ms: u64) -> Vec<(Arc<str>, u64)> {
+    /// `(id, last_ms)` for every sandbox seen active at or after `since_ms`. A sandbox with a
+    /// stream open through this process right now (a silent WebSocket, a long poll) is active
+    /// now: it is touched at `now_ms` first, so the control plane never takes a connected
+    /// client's sandbox for idle.
+    pub fn snapshot(&self, since_ms: u64, now_ms: u64) -> Vec<(Arc<str>, u64)> {
         let cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
         cells
             .iter()
             .filter_map(|(id, c)| {
+                if c.open_streams() > 0 {
+                    c.touch(now_ms);
+                }
                 let t = c.last_ms();
                 (t != 0 && t >= since_ms).then(|| (Arc::clone(id), t))
             })
@@ -178,15 +184,23 @@ mod tests {
         t.cell("a").touch(10);
         t.cell("b").touch(20);
         let _never = t.cell("c");
-        let mut snap = t.snapshot(0);
+        let mut snap = t.snapshot(0, 0);
         snap.sort();
         assert_eq!(snap, vec![("a".into(), 10), ("b".into(), 20)]);
-        assert_eq!(t.snapshot(15), vec![("b".into(), 20)]);
+        assert_eq!(t.snapshot(15, 0), vec![("b".into(), 20)]);
         // Same cell for the same id.
         t.cell("a").touch(30);
         assert_eq!(t.cell("a").last_ms(), 30);
         t.forget("a");
         assert_eq!(t.cell("a").last_ms(), 0);
+        // An open stream makes its sandbox active at the snapshot's time, however long silent.
+        let slot = t.cell("d").try_open(10).unwrap();
+        let mut snap = t.snapshot(15, 99);
+        snap.sort();
+        assert_eq!(snap, vec![("b".into(), 20), ("d".into(), 99)]);
+        assert_eq!(t.cell("d").last_ms(), 99);
+        drop(slot);
+        assert_eq!(t.snapshot(100, 200), vec![]);
     }
 
     #[test]
