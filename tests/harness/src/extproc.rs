@@ -52,6 +52,15 @@ impl ExtProc {
         Self::start_inner(config, &[], Some(token))
     }
 
+    /// Like `start_with_token`, with extra command-line arguments.
+    pub fn start_with_args_and_token(
+        config: &Value,
+        extra_args: &[&str],
+        token: &str,
+    ) -> Result<ExtProc> {
+        Self::start_inner(config, extra_args, Some(token))
+    }
+
     fn start_inner(config: &Value, extra_args: &[&str], token: Option<&str>) -> Result<ExtProc> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("config.json"), config.to_string())?;
