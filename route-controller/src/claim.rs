@@ -90,6 +90,25 @@ pub enum Bound {
     Empty,
 }
 
+/// Whether the cache shows a warm pod a claim could take (so an empty pool costs no writes).
+pub fn has_candidates(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) -> Result<bool> {
+    let ns = sbx
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let hash = template_hash(pool)?;
+    let infos: Vec<_> = pool_pods(&ctx.pods, &ns, &pool.name_any())
+        .iter()
+        .map(|p| pod_info(p, &hash))
+        .collect();
+    let reserved = ctx.reserved();
+    Ok(ctx.with_pool(&ns, &pool.name_any(), |st| {
+        !candidates(&infos, &reserved, |uid| {
+            st.expectations.is_pending_delete(uid)
+        })
+        .is_empty()
+    }))
+}
+
 /// Tries the pool's warm pods in order until one binds.
 pub async fn bind_warm(
     ctx: &Arc<Context>,
@@ -103,7 +122,7 @@ pub async fn bind_warm(
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let hash = template_hash(pool)?;
-    let cached = pool_pods(ctx, &ns, &pool.name_any());
+    let cached = pool_pods(&ctx.pods, &ns, &pool.name_any());
     let infos: Vec<_> = cached.iter().map(|p| pod_info(p, &hash)).collect();
     let reserved = ctx.reserved();
     let order: Vec<String> = ctx.with_pool(&ns, &pool.name_any(), |st| {

@@ -78,7 +78,13 @@ pub struct PoolState {
 pub struct Context {
     pub client: Client,
     pub cfg: Config,
+    /// The claim cache: pool pods as the sandbox controller's pod trigger last saw them.
     pub pods: Store<Pod>,
+    /// Pool pods as the pool controller's pod trigger last saw them. Each controller reads the
+    /// cache its own trigger updated before firing, so a reconcile never sees older pods than
+    /// the event that woke it.
+    pub pool_pods: Store<Pod>,
+    /// Pools as the sandbox controller's pool trigger last saw them.
     pub pools: Store<SandboxPool>,
     pub sandboxes: Store<Sandbox>,
     pub metrics: Arc<Metrics>,
@@ -114,6 +120,7 @@ impl Context {
         client: Client,
         cfg: Config,
         pods: Store<Pod>,
+        pool_pods: Store<Pod>,
         pools: Store<SandboxPool>,
         sandboxes: Store<Sandbox>,
         metrics: Arc<Metrics>,
@@ -130,6 +137,7 @@ impl Context {
             client,
             cfg,
             pods,
+            pool_pods,
             pools,
             sandboxes,
             metrics,

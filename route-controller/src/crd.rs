@@ -114,7 +114,9 @@ pub struct SandboxPoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_hash: Option<String>,
     /// `Ready`, `TemplateInvalid`, `ReplicaFailure`; a condition that stops holding is removed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Always serialized (even empty): status writes are merge patches, and an omitted list
+    /// would leave a cleared condition in place.
+    #[serde(default)]
     pub conditions: Vec<Condition>,
 }
 
@@ -250,6 +252,8 @@ pub struct SandboxStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `Invalid`, `PoolMissing`, `TokenMissing`; removed when they stop holding.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Always serialized (even empty): status writes are merge patches, and an omitted list
+    /// would leave a cleared condition in place.
+    #[serde(default)]
     pub conditions: Vec<Condition>,
 }

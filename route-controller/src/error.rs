@@ -21,6 +21,9 @@ pub enum Error {
     /// An object lacks something every object has (name, namespace, uid).
     #[error("object without {0}")]
     MissingField(&'static str),
+    /// A release could not delete the sandbox's pod (it kept changing): retried.
+    #[error("the route of pod {0} is not removed yet")]
+    RouteNotRemoved(String),
     /// A sandbox-extproc replica failed (idle pass).
     #[error("activity replica {endpoint}: {why}")]
     Replica { endpoint: String, why: String },
@@ -37,6 +40,7 @@ impl Error {
             Error::Random(_) => "random",
             Error::MissingField(_) => "missing_field",
             Error::Replica { .. } => "replica",
+            Error::RouteNotRemoved(_) => "route_not_removed",
         }
     }
 

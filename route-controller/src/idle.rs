@@ -139,9 +139,13 @@ async fn query(ctx: &Context, endpoint: &str, ids: &[String]) -> Reply {
 
 /// Asks every endpoint (about `ids`, or everything when empty) and merges the answers.
 async fn look(ctx: &Context, replicas: &Replicas, ids: &[String]) -> Result<Sight, String> {
-    let eps = endpoints(ctx, replicas)
-        .await
-        .map_err(|e| format!("listing replicas: {e}"))?;
+    let eps = endpoints(ctx, replicas).await.map_err(|e| {
+        ctx.metrics
+            .idle_passes
+            .with_label_values(&["replica_unreachable"])
+            .inc();
+        format!("listing replicas: {e}")
+    })?;
     let replies = join_all(eps.iter().map(|(ep, ready)| async move {
         let reply = if *ready {
             query(ctx, ep, ids).await
@@ -170,10 +174,13 @@ fn clock(ctx: &Context, sbx: &Sandbox) -> Option<Clock> {
     let settings = PoolSettings::resolve(&pool.spec)
         .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p))
         .ok()?;
+    // Status times are whole seconds on the wire: read them as the end of their second, so
+    // the rounding can only make a sandbox look more recently active, never less.
+    let ceil = |t: &Time| ms(t) + 999;
     Some(Clock {
         claimed_ms: st.claimed_at.as_ref().map(ms)?,
-        ready_ms: st.ready_at.as_ref().map(ms),
-        stored_last_active_ms: st.last_active_at.as_ref().map(ms),
+        ready_ms: st.ready_at.as_ref().map(ceil),
+        stored_last_active_ms: st.last_active_at.as_ref().map(ceil),
         idle_timeout_ms: settings.idle_timeout.map(millis),
         max_lifetime_ms: settings.max_lifetime.map(millis),
     })

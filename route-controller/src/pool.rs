@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use kube::ResourceExt;
 use serde_json::json;
 
@@ -19,9 +20,9 @@ use crate::error::{is_conflict, is_not_found, Error, Result};
 use crate::pods::{pod_info, template_hash, warm_pod};
 use crate::spec::PoolSettings;
 
-/// The pods of a pool, from the cache.
-pub fn pool_pods(ctx: &Context, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
-    ctx.pods.state_filter(|p| {
+/// The pods of a pool, from a pod cache.
+pub fn pool_pods(pods: &Store<Pod>, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
+    pods.state_filter(|p| {
         p.namespace().as_deref() == Some(ns)
             && p.labels().get(POOL_LABEL).map(String::as_str) == Some(pool)
     })
@@ -70,13 +71,13 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
                     invalid.to_string(),
                 );
             }
-            write_status(&api_pool, &pool, st).await?;
+            write_status(&ctx, &api_pool, &pool, st).await?;
             return Ok(Action::await_change());
         }
     };
     let hash = template_hash(&pool)?;
     let now = now_ms();
-    let cached = pool_pods(&ctx, &ns, &name);
+    let cached = pool_pods(&ctx.pool_pods, &ns, &name);
     let infos: Vec<PodInfo> = cached.iter().map(|p| pod_info(p, &hash)).collect();
     let startup_ms = u64::try_from(settings.startup_timeout.as_millis()).unwrap_or(u64::MAX);
     let (p, budget_wait) = ctx.with_pool(&ns, &name, |st| {
@@ -178,7 +179,7 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
     } else {
         clear_condition(&mut st.conditions, "ReplicaFailure");
     }
-    write_status(&api_pool, &pool, st).await?;
+    write_status(&ctx, &api_pool, &pool, st).await?;
 
     // Come back when the budget allows the rest, or to catch startup timeouts.
     let short = created < p.create || (c.warm + c.starting) < settings.replicas as usize;
@@ -193,6 +194,7 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
 
 /// Writes the status when it changed (a merge patch of `/status`).
 async fn write_status(
+    ctx: &Context,
     api: &Api<SandboxPool>,
     pool: &SandboxPool,
     st: SandboxPoolStatus,
@@ -200,6 +202,7 @@ async fn write_status(
     if pool.status.as_ref() == Some(&st) {
         return Ok(());
     }
+    ctx.leader.check()?;
     let patch = json!({ "status": st });
     api.patch_status(
         &pool.name_any(),

@@ -37,15 +37,20 @@ pub async fn delete_route(ctx: &Context, sbx: &Sandbox) -> Result<()> {
     names.sort();
     names.dedup();
     for name in names {
+        let mut gone = false;
         for _ in 0..5 {
             ctx.leader.check()?;
             let pod = match pods.get(&name).await {
                 Ok(p) => p,
-                Err(e) if is_not_found(&e) => break,
+                Err(e) if is_not_found(&e) => {
+                    gone = true;
+                    break;
+                }
                 Err(e) => return Err(e.into()),
             };
             if sandbox_owner(&pod) != Some(uid.as_str()) {
-                break; // not ours: never touch it
+                gone = true; // not ours (any more): never touch it
+                break;
             }
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -55,11 +60,22 @@ pub async fn delete_route(ctx: &Context, sbx: &Sandbox) -> Result<()> {
                 ..Default::default()
             };
             match pods.delete(&name, &dp).await {
-                Ok(_) => break,
-                Err(e) if is_not_found(&e) => break,
+                Ok(_) => {
+                    gone = true;
+                    break;
+                }
+                Err(e) if is_not_found(&e) => {
+                    gone = true;
+                    break;
+                }
                 Err(e) if is_conflict(&e) => continue,
                 Err(e) => return Err(e.into()),
             }
+        }
+        if !gone {
+            // The pod kept changing under us: the route is still there, so the release is
+            // not done (the reconcile retries; the status must not say Released).
+            return Err(Error::RouteNotRemoved(name));
         }
     }
     Ok(())

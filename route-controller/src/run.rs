@@ -3,7 +3,9 @@
 //! A pod watch (every pod carrying the pool label) feeds the claim cache, and each controller
 //! watches pods for its triggers: a pool reconciles when its pods change; a sandbox reconciles when its pod
 //! changes and, while it waits for a warm pod, when a pod of its pool changes (waiting is
-//! watch-driven, never a poll). Every replica runs the caches; only the leader writes.
+//! watch-driven, never a poll). Every replica runs the caches and the controllers (so a standby
+//! is ready to take over at once); reconciles on a standby return without acting, and winning
+//! the Lease reconciles everything.
 
 use std::sync::Arc;
 
@@ -65,6 +67,24 @@ fn pod_to_sandboxes(pod: &Pod, sandboxes: &Store<Sandbox>) -> Vec<ObjectRef<Sand
         .collect()
 }
 
+/// Fires each time this replica wins leadership: every object is then reconciled, since a
+/// standby's reconciles did nothing but keep its caches warm.
+fn leadership_gained(leader: &Leadership) -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    let rx = leader.subscribe();
+    futures_util::stream::unfold((rx, false), |(mut rx, mut was)| async move {
+        loop {
+            let now = *rx.borrow_and_update();
+            if now && !was {
+                return Some(((), (rx, true)));
+            }
+            was = now;
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+}
+
 /// Runs the controllers until they stop. `ready` fires once every cache has synced.
 pub async fn run(
     client: Client,
@@ -76,21 +96,28 @@ pub async fn run(
     let ns = ns.as_deref();
     let pod_cfg = watcher::Config::default().labels(POOL_LABEL);
 
-    // The claim cache: every pool pod. The controllers watch pods again for their triggers
-    // (kube's shared streams drop deletions, and a deleted pod must wake its pool and its
-    // sandbox), so a pod event costs three watch deliveries; the store is kept once.
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let pod_watch = reflector(
-        pod_writer,
-        watcher(api::<Pod>(&client, ns), pod_cfg.clone()),
+    // Each trigger is a reflector: its cache is updated before the object is handed on, and
+    // unlike kube's shared streams it also hands on deletions (a deleted pod must wake its pool
+    // and its sandbox). The sandbox side and the pool side keep one pod cache each.
+    let (pods, w) = reflector::store::<Pod>();
+    let pods_for_sandboxes = reflector(w, watcher(api::<Pod>(&client, ns), pod_cfg.clone()))
+        .default_backoff()
+        .touched_objects();
+    let (pool_pods, w) = reflector::store::<Pod>();
+    let pods_for_pools = reflector(w, watcher(api::<Pod>(&client, ns), pod_cfg))
+        .default_backoff()
+        .touched_objects();
+    let (pools, w) = reflector::store::<SandboxPool>();
+    let pools_for_sandboxes = reflector(
+        w,
+        watcher(api::<SandboxPool>(&client, ns), watcher::Config::default()),
     )
     .default_backoff()
-    .for_each(|_| std::future::ready(()));
+    .touched_objects();
 
     let ctl_cfg = ControllerConfig::default().concurrency(64);
     let pool_ctl = Controller::new(api::<SandboxPool>(&client, ns), watcher::Config::default())
         .with_config(ctl_cfg.clone());
-    let pools = pool_ctl.store();
     let sbx_ctl = Controller::new(api::<Sandbox>(&client, ns), watcher::Config::default())
         .with_config(ctl_cfg);
     let sandboxes = sbx_ctl.store();
@@ -99,6 +126,7 @@ pub async fn run(
         client.clone(),
         cfg.clone(),
         pods.clone(),
+        pool_pods.clone(),
         pools.clone(),
         sandboxes.clone(),
         metrics.clone(),
@@ -106,7 +134,8 @@ pub async fn run(
     );
 
     let pool_ctl = pool_ctl
-        .watches(api::<Pod>(&client, ns), pod_cfg.clone(), |pod: Pod| {
+        .reconcile_all_on(leadership_gained(&leader))
+        .watches_stream(pods_for_pools, |pod: Pod| {
             let ns = pod.namespace().unwrap_or_default();
             pod.labels()
                 .get(POOL_LABEL)
@@ -123,24 +152,19 @@ pub async fn run(
     let sbx_store2 = sandboxes.clone();
     let secret_cfg = watcher::Config::default().labels(crate::crd::SANDBOX_NAME_ANNOTATION);
     let sbx_ctl = sbx_ctl
-        .watches(api::<Pod>(&client, ns), pod_cfg, move |pod: Pod| {
+        .reconcile_all_on(leadership_gained(&leader))
+        .watches_stream(pods_for_sandboxes, move |pod: Pod| {
             pod_to_sandboxes(&pod, &sbx_store)
         })
-        .watches(
-            api::<SandboxPool>(&client, ns),
-            watcher::Config::default(),
-            move |pool: SandboxPool| {
-                let ns = pool.namespace().unwrap_or_default();
-                let name = pool.name_any();
-                sbx_store2
-                    .state_filter(|s| {
-                        s.namespace().as_deref() == Some(&ns) && s.spec.pool_ref == name
-                    })
-                    .iter()
-                    .map(|s| ObjectRef::from_obj(&**s))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(pools_for_sandboxes, move |pool: SandboxPool| {
+            let ns = pool.namespace().unwrap_or_default();
+            let name = pool.name_any();
+            sbx_store2
+                .state_filter(|s| s.namespace().as_deref() == Some(&ns) && s.spec.pool_ref == name)
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
         .owns(api::<Secret>(&client, ns), secret_cfg)
         .run(
             crate::sandbox::reconcile,
@@ -150,10 +174,12 @@ pub async fn run(
         .for_each(|_| std::future::ready(()));
 
     let ready = {
-        let (pods, pools, sandboxes) = (pods.clone(), pools.clone(), sandboxes.clone());
+        let (pods, pool_pods) = (pods.clone(), pool_pods.clone());
+        let (pools, sandboxes) = (pools.clone(), sandboxes.clone());
         let metrics = metrics.clone();
         async move {
             let _ = pods.wait_until_ready().await;
+            let _ = pool_pods.wait_until_ready().await;
             let _ = pools.wait_until_ready().await;
             let _ = sandboxes.wait_until_ready().await;
             metrics.set_ready();
@@ -162,27 +188,10 @@ pub async fn run(
         }
     };
     let idle = crate::idle::run(ctx.clone());
-    // Standbys keep their caches warm and write nothing; the controllers start on winning the
-    // Lease (a replica that loses it exits: see main).
-    let leading = {
-        let mut rx = leader.subscribe();
-        async move {
-            let _ = rx.wait_for(|leading| *leading).await;
-        }
-    };
-    let controllers = async move {
-        leading.await;
-        tracing::info!("leading: controllers started");
-        tokio::select! {
-            _ = pool_ctl => {}
-            _ = sbx_ctl => {}
-            _ = idle => {}
-        }
-    };
-
     tokio::select! {
-        _ = pod_watch => {}
-        _ = controllers => {}
+        _ = pool_ctl => {}
+        _ = sbx_ctl => {}
+        _ = idle => {}
         _ = ready => {}
     }
     Ok(())

@@ -12,7 +12,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::claim::{bind_cold, bind_warm, bound_status, ensure_token, record, token_hash, Bound};
+use crate::claim::{
+    bind_cold, bind_warm, bound_status, ensure_token, has_candidates, record, token_hash, Bound,
+};
 use crate::conditions::{clear_condition, set_condition};
 use crate::context::{now_ms, Context};
 use crate::crd::{Launch, OnEmpty, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER};
@@ -27,6 +29,9 @@ fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
 
 /// Reconciles one sandbox.
 pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.leader.is_leader() {
+        return Ok(Action::await_change()); // a standby only keeps its caches warm
+    }
     let ns = sbx
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -87,7 +92,7 @@ async fn hold(
     ctx: &Context,
     sbx: &Sandbox,
     phase: Phase,
-    cond: &str,
+    (cond, holds): (&str, bool),
     reason: &str,
     msg: String,
 ) -> Result<()> {
@@ -96,10 +101,12 @@ async fn hold(
         &mut st.conditions,
         sbx.metadata.generation,
         cond,
-        true,
+        holds,
         reason,
         &msg,
-    ) || st.phase != phase;
+    ) || st.phase != phase
+        || st.observed_generation != sbx.metadata.generation;
+    st.observed_generation = sbx.metadata.generation;
     if !changed {
         return Ok(());
     }
@@ -126,7 +133,15 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let pool_name = sbx.spec.pool_ref.clone();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         let msg = format!("SandboxPool {ns}/{pool_name} does not exist");
-        hold(ctx, sbx, Phase::Pending, "PoolMissing", "PoolMissing", msg).await?;
+        hold(
+            ctx,
+            sbx,
+            Phase::Pending,
+            ("PoolMissing", true),
+            "PoolMissing",
+            msg,
+        )
+        .await?;
         return Ok(Action::await_change());
     };
     let settings = match PoolSettings::resolve(&pool.spec)
@@ -138,7 +153,7 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
                 ctx,
                 sbx,
                 Phase::Pending,
-                "Invalid",
+                ("Invalid", true),
                 "Invalid",
                 invalid.to_string(),
             )
@@ -147,6 +162,30 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         }
     };
     let (pool_settings, settings) = settings;
+    let warm = has_candidates(ctx, sbx, &pool)?;
+    let cold = pool_settings.on_empty == OnEmpty::Cold;
+    if !warm && !cold {
+        // Nothing to bind: wait (watch-driven) or fail, with no write on the way.
+        let age_ms =
+            now_ms().saturating_sub(sbx.metadata.creation_timestamp.as_ref().map_or(0, ms));
+        let wait_ms = u64::try_from(pool_settings.claim_wait.as_millis()).unwrap_or(u64::MAX);
+        if pool_settings.on_empty == OnEmpty::Wait && age_ms < wait_ms {
+            ctx.metrics
+                .claims
+                .with_label_values(&[&pool_name, "none", "empty"])
+                .inc();
+            // A pool pod turning warm re-triggers this reconcile (the pod watch maps it to the
+            // pool's pending sandboxes); the requeue is the claimWait bound.
+            return Ok(Action::requeue(Duration::from_millis(wait_ms - age_ms)));
+        }
+        ctx.metrics
+            .claims
+            .with_label_values(&[&pool_name, "none", "failed"])
+            .inc();
+        let msg = format!("pool {pool_name} had no warm sandbox");
+        hold(ctx, sbx, Phase::Failed, ("Ready", false), "PoolEmpty", msg).await?;
+        return Ok(Action::await_change());
+    }
     let token = if settings.require_token {
         Some(ensure_token(ctx, sbx).await?)
     } else {
@@ -154,34 +193,16 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     };
     let token_sha = token_hash(&settings, token.as_deref());
     let id = crate::ids::new_unique_id(|c| ctx.id_taken(c))?;
-    let mut bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
+    let mut bound = Bound::Empty;
+    if warm {
+        bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
+    }
     if matches!(bound, Bound::Empty) {
-        let age_ms =
-            now_ms().saturating_sub(sbx.metadata.creation_timestamp.as_ref().map_or(0, ms));
-        let wait_ms = u64::try_from(pool_settings.claim_wait.as_millis()).unwrap_or(u64::MAX);
-        match pool_settings.on_empty {
-            OnEmpty::Cold => {
-                bound = bind_cold(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
-            }
-            OnEmpty::Wait if age_ms < wait_ms => {
-                ctx.metrics
-                    .claims
-                    .with_label_values(&[&pool_name, "none", "empty"])
-                    .inc();
-                // A pool pod turning warm re-triggers this reconcile (the pod watch maps it to
-                // the pool's pending sandboxes); the requeue is the claimWait bound.
-                return Ok(Action::requeue(Duration::from_millis(wait_ms - age_ms)));
-            }
-            OnEmpty::Wait | OnEmpty::Fail => {
-                ctx.metrics
-                    .claims
-                    .with_label_values(&[&pool_name, "none", "failed"])
-                    .inc();
-                let msg = format!("pool {pool_name} had no warm sandbox");
-                hold(ctx, sbx, Phase::Failed, "Ready", "PoolEmpty", msg).await?;
-                return Ok(Action::await_change());
-            }
+        if !cold {
+            // Every candidate was taken meanwhile: try again (the cache catches up).
+            return Ok(Action::requeue(Duration::from_millis(20)));
         }
+        bound = bind_cold(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
     }
     let Bound::Pod(pod, launch) = bound else {
         return Ok(Action::await_change());
@@ -191,6 +212,8 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let mut st = bound_status(ctx, &prev, &pod, launch, &id, &settings, secret);
     clear_condition(&mut st.conditions, "PoolMissing");
     clear_condition(&mut st.conditions, "Invalid");
+    st.observed_generation = sbx.metadata.generation;
+    ready_condition(&mut st, sbx.metadata.generation);
     if !record(ctx, sbx, &pod, st.clone()).await? {
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
@@ -222,6 +245,17 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         ),
     );
     Ok(next_check(&settings, &st))
+}
+
+/// The `Ready` condition of a bound sandbox: True once its pod is Ready (routed).
+fn ready_condition(st: &mut crate::crd::SandboxStatus, generation: Option<i64>) {
+    let ready = st.phase == Phase::Ready;
+    let (reason, msg) = if ready {
+        ("PodReady", "bound and routed")
+    } else {
+        ("PodStarting", "bound; waiting for the pod to be Ready")
+    };
+    set_condition(&mut st.conditions, generation, "Ready", ready, reason, msg);
 }
 
 fn observe_ready(ctx: &Context, sbx: &Sandbox, launch: &str) {
@@ -306,6 +340,7 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
             jiff::Timestamp::now(),
         ));
         st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        ready_condition(&mut st, sbx.metadata.generation);
         changed = true;
         let launch = if st.launch == Some(Launch::Cold) {
             "cold"
