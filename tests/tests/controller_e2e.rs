@@ -137,7 +137,7 @@ async fn token(client: &kube::Client, secret: &str) -> Result<String> {
     )?)
 }
 
-fn leader_of<'a>(replicas: &'a [Replica]) -> Option<&'a Replica> {
+fn leader_of(replicas: &[Replica]) -> Option<&Replica> {
     replicas.iter().find(|r| r.leadership.is_leader())
 }
 
