@@ -92,8 +92,7 @@ async fn pool_fills_claim_binds_with_three_writes_and_delete_releases() {
     );
 
     // The pool refills: three warm again, plus the claimed one.
-    let pool = wait_warm(&s.client, "py", 3).await;
-    assert_eq!(pool.status.unwrap().claimed, 1);
+    wait_counts(&s.client, "py", 3, 1).await;
 
     // Deletion: route first, then the object; the Secret goes with it.
     let sandboxes: Api<Sandbox> = Api::namespaced(s.client.clone(), NS);
@@ -111,8 +110,7 @@ async fn pool_fills_claim_binds_with_three_writes_and_delete_releases() {
         .with_label_values(&[ReleaseReason::Deleted.as_str()])
         .get();
     assert_eq!(released, 1);
-    let pool = wait_warm(&s.client, "py", 3).await;
-    assert_eq!(pool.status.unwrap().claimed, 0);
+    let pool = wait_counts(&s.client, "py", 3, 0).await;
     // The used pod never went back to the pool.
     assert!(pool_pods(&s.client, "py")
         .await

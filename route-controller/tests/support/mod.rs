@@ -153,6 +153,20 @@ pub async fn wait_warm(client: &Client, pool: &str, warm: i32) -> SandboxPool {
         .expect("pool exists")
 }
 
+/// Waits until the pool's status shows `warm` warm and `claimed` claimed pods.
+pub async fn wait_counts(client: &Client, pool: &str, warm: i32, claimed: i32) -> SandboxPool {
+    let api = Api::<SandboxPool>::namespaced(client.clone(), NS);
+    let cond = move |p: Option<&SandboxPool>| {
+        p.and_then(|p| p.status.as_ref())
+            .is_some_and(|s| s.replicas == warm && s.claimed == claimed)
+    };
+    tokio::time::timeout(WAIT, await_condition(api, pool, cond))
+        .await
+        .unwrap_or_else(|_| panic!("pool {pool} never had {warm} warm and {claimed} claimed"))
+        .expect("watch")
+        .expect("pool exists")
+}
+
 /// Waits until the sandbox reaches `phase`.
 pub async fn wait_phase(client: &Client, name: &str, phase: Phase) -> Sandbox {
     let api = Api::<Sandbox>::namespaced(client.clone(), NS);
