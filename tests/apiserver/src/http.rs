@@ -246,7 +246,35 @@ fn route(shared: &Shared, group: &str, version: &str, rest: &[&str]) -> Option<R
     })
 }
 
+/// Serves one request; writes (anything but GET) are logged with who sent them and the answer.
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let write = req.method() != Method::GET;
+    let record = write.then(|| {
+        let bearer = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        (
+            req.method().to_string(),
+            req.uri().path().to_string(),
+            bearer,
+        )
+    });
+    let resp = serve(shared.clone(), req).await;
+    if let (Some((method, path, bearer)), Ok(r)) = (record, &resp) {
+        shared.lock().write_log.push(crate::WriteRecord {
+            method,
+            path,
+            bearer,
+            status: r.status().as_u16(),
+        });
+    }
+    resp
+}
+
+async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let latency = shared.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

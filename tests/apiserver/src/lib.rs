@@ -156,6 +156,16 @@ pub struct WriteCounts {
     pub deletes: u64,
 }
 
+/// One write request as the server answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteRecord {
+    pub method: String,
+    pub path: String,
+    /// The `Authorization: Bearer` token, if any.
+    pub bearer: Option<String>,
+    pub status: u16,
+}
+
 impl WriteCounts {
     /// All writes.
     pub fn total(&self) -> u64 {
@@ -272,11 +282,21 @@ impl FakeApiServer {
 
     /// Writes a kubeconfig for this server (one cluster, one context, an empty user).
     pub fn kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        self.write_kubeconfig(path, "{}")
+    }
+
+    /// Writes a kubeconfig whose user sends `token` as a bearer token, so
+    /// [`write_log`](Self::write_log) tells clients apart.
+    pub fn kubeconfig_with_token(&self, path: &Path, token: &str) -> std::io::Result<()> {
+        self.write_kubeconfig(path, &format!("{{token: {token}}}"))
+    }
+
+    fn write_kubeconfig(&self, path: &Path, user: &str) -> std::io::Result<()> {
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
-             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
+             users:\n- name: fake\n  user: {user}\ncontexts:\n- name: fake\n  context:\n    \
              cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
-            url = self.url()
+            url = self.url(),
         );
         std::fs::write(path, text)
     }
@@ -341,6 +361,13 @@ impl FakeApiServer {
     /// Every request's path and query as received (percent-encoded), oldest first.
     pub fn request_log(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
+    }
+
+    /// Every write request so far (create, update, patch, delete), with the bearer token it
+    /// carried (a kubeconfig user's `token`) and the status it got: which client's writes were
+    /// accepted.
+    pub fn write_log(&self) -> Vec<WriteRecord> {
+        self.shared.lock().write_log.clone()
     }
 }
 

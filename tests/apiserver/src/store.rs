@@ -149,6 +149,8 @@ pub(crate) struct State {
     pub(crate) next_snapshot: u64,
     pub(crate) counts: RequestCounts,
     pub(crate) requests: Vec<String>,
+    /// Every write request, in order.
+    pub(crate) write_log: Vec<crate::WriteRecord>,
     /// Time spent building and serializing list responses (not sending them).
     pub(crate) list_time: Duration,
     pub(crate) faults: HashMap<ResId, Faults>,
@@ -213,6 +215,7 @@ impl State {
             next_snapshot: 0,
             counts: RequestCounts::default(),
             requests: Vec::new(),
+            write_log: Vec::new(),
             list_time: Duration::ZERO,
             faults: HashMap::new(),
             writes: HashMap::new(),
