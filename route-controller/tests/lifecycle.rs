@@ -110,7 +110,7 @@ async fn pool_fills_claim_binds_with_three_writes_and_delete_releases() {
         .with_label_values(&[ReleaseReason::Deleted.as_str()])
         .get();
     assert_eq!(released, 1);
-    let pool = wait_counts(&s.client, "py", 3, 0).await;
+    wait_counts(&s.client, "py", 3, 0).await;
     // The used pod never went back to the pool.
     assert!(pool_pods(&s.client, "py")
         .await
