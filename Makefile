@@ -9,7 +9,7 @@ CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
 MODE ?= filter
 
-.PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse
+.PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse bench-controller
 
 all: build
 
@@ -126,6 +126,13 @@ bench-last-active:
 # a healthy sandbox's latency beside a hung sandbox, a junk-ID flood (with claims during it) and
 # 1,100 open WebSockets. Writes benches/results/abuse.md. Extra flags: ABUSE_ARGS="--rounds 5".
 ABUSE_ARGS ?=
+# The controller: warm claim to first 200 through Envoy, writes per claim, a 1,000-claim burst,
+# sustained claims with refill, the idle pass over 10k/100k sandboxes. CONTROLLER_ARGS="--burst 500".
+bench-controller: envoy
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
+	  $(CARGO) bench -p sandbox-gateway-bench --bench controller -- $(CONTROLLER_ARGS)
+
 bench-abuse: envoy
 	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
