@@ -175,21 +175,31 @@ async fn token(kc: &kube::Client, sbx: &Sandbox) -> Result<String> {
     let s = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(kc.clone(), NS)
         .get(&name)
         .await?;
-    Ok(String::from_utf8(s.data.context("data")?["token"].0.clone())?)
+    Ok(String::from_utf8(
+        s.data.context("data")?["token"].0.clone(),
+    )?)
 }
 
 /// Claim → Ready → first 200 through Envoy; seconds.
 async fn claim_to_200(kc: &kube::Client, gw: std::net::SocketAddr, name: &str) -> Result<f64> {
     let t0 = Instant::now();
     let (sbx, _) = claim(kc, "warm", name).await?;
-    let id = sbx.status.as_ref().and_then(|s| s.sandbox_id.clone()).context("id")?;
+    let id = sbx
+        .status
+        .as_ref()
+        .and_then(|s| s.sandbox_id.clone())
+        .context("id")?;
     let tok = token(kc, &sbx).await?;
     loop {
         let r = client::get(gw, "/", &[("x-sandbox-id", &id), ("x-access-token", &tok)]).await?;
         if r.status == 200 {
             return Ok(t0.elapsed().as_secs_f64());
         }
-        ensure!(t0.elapsed() < Duration::from_secs(30), "never routed: {}", r.status);
+        ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never routed: {}",
+            r.status
+        );
     }
 }
 
@@ -253,7 +263,10 @@ async fn bench_envoy(args: &Args, out: &mut String) -> Result<()> {
         }
     }
     writeln!(out, "## Warm claim to first 200 through Envoy\n")?;
-    writeln!(out, "| claims | n | p50 ms | p99 ms | max ms |\n|---|--:|--:|--:|--:|")?;
+    writeln!(
+        out,
+        "| claims | n | p50 ms | p99 ms | max ms |\n|---|--:|--:|--:|--:|"
+    )?;
     let n = seq.len();
     writeln!(
         out,
@@ -324,7 +337,11 @@ async fn bench_burst(args: &Args, out: &mut String) -> Result<()> {
     let t0 = Instant::now();
     let all = join_all((0..n).map(|i| {
         let kc = s.kc.clone();
-        async move { claim(&kc, "burst", &format!("b-{i}")).await.map(|(_, t)| t * 1000.0) }
+        async move {
+            claim(&kc, "burst", &format!("b-{i}"))
+                .await
+                .map(|(_, t)| t * 1000.0)
+        }
     }))
     .await;
     let wall = t0.elapsed();
@@ -451,7 +468,9 @@ async fn bench_idle(args: &Args, out: &mut String) -> Result<()> {
             let mut c = ActivityServiceClient::connect(r.activity_endpoint())
                 .await?
                 .max_decoding_message_size(256 << 20);
-            let mut req = tonic::Request::new(GetLastActiveRequest { sandbox_ids: vec![] });
+            let mut req = tonic::Request::new(GetLastActiveRequest {
+                sandbox_ids: vec![],
+            });
             req.metadata_mut()
                 .insert("authorization", format!("Bearer {token}").parse()?);
             let a = c.get_last_active(req).await?.into_inner();
@@ -476,7 +495,11 @@ async fn bench_idle(args: &Args, out: &mut String) -> Result<()> {
         let t1 = Instant::now();
         let sight = merge(&replies, &mut HashMap::new()).map_err(|b| anyhow::anyhow!("{b:?}"))?;
         let t_merge = t1.elapsed();
-        ensure!(sight.last_active.len() == n, "merged {}", sight.last_active.len());
+        ensure!(
+            sight.last_active.len() == n,
+            "merged {}",
+            sight.last_active.len()
+        );
         let t2 = Instant::now();
         let clock = Clock {
             claimed_ms: now - 3_600_000,
