@@ -13,11 +13,13 @@ MODE ?= filter
 
 all: build
 
-# System tools a fresh Debian machine may lack: the venv/pip support `make envoy` needs. (The
+# System tools a fresh Debian machine may lack: the venv/pip support `make envoy` needs, and `ip`
+# (iproute2) for the test kubelet's network-namespace pods. (The
 # test of the module's imports against Envoy's exports reads the symbol tables itself, no nm.)
 tools:
 	@missing=(); \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv); \
+	command -v ip >/dev/null || missing+=(iproute2); \
 	if (( $${#missing[@]} )); then \
 	  echo "installing $${missing[*]}"; \
 	  apt-get update -qq && apt-get install -y -qq "$${missing[@]}"; \

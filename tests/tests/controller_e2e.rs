@@ -287,3 +287,61 @@ async fn sandbox_lifecycle_through_envoy_with_two_controllers_and_two_replicas()
     drop(a);
     Ok(())
 }
+
+/// Pods in network namespaces of their own (veth pairs, 10.77.x.2), not on loopback: the claim
+/// is routed across a real interface, and the pod's address exists only inside its namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_in_network_namespaces_are_claimed_and_routed_across_veth() -> Result<()> {
+    use sandbox_gateway_harness::kubelet::PodNetwork;
+    let api = FakeApiServer::start().await?;
+    let kc = api.client()?;
+    let kubelet = TestKubelet::start(
+        kc.clone(),
+        KubeletOptions {
+            network: PodNetwork::Netns,
+            ..KubeletOptions::default()
+        },
+    );
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.kubeconfig(&kubeconfig)?;
+    let gw_cfg = json!({
+        "route_source": { "type": "kubernetes", "kubeconfig": kubeconfig },
+        "miss_hold_ms": 200
+    });
+    let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&gw_cfg, 0, 0)?))?;
+    let gw = envoy.listener;
+    let ctl = Replica::start(kc.clone(), "solo", Config::default())?;
+
+    let pools: Api<SandboxPool> = Api::namespaced(kc.clone(), NS);
+    let sandboxes: Api<Sandbox> = Api::namespaced(kc.clone(), NS);
+    let pool: SandboxPool = serde_json::from_value(json!({
+        "apiVersion": "sandboxgateway.io/v1alpha1", "kind": "SandboxPool",
+        "metadata": { "name": "e2e", "namespace": NS },
+        "spec": { "replicas": 2,
+            "template": { "spec": { "containers": [{ "name": "s", "image": "example/s:1" }] } } }
+    }))?;
+    pools.create(&PostParams::default(), &pool).await?;
+    warm(&pools, "e2e", 2).await?;
+    let (sbx, id, secret) = claim(&sandboxes, "netns").await?;
+    let st = sbx.status.clone().context("status")?;
+    let pod_ip: std::net::Ipv4Addr = st.pod_ip.clone().context("pod IP")?.parse()?;
+    ensure!(
+        pod_ip.octets()[..2] == [10, 77],
+        "pod IP {pod_ip} is not a veth address"
+    );
+    let pod = st.pod_name.clone().context("pod")?;
+    ensure!(kubelet.ip_of(NS, &pod) == Some(pod_ip));
+    let tok = token(&kc, &secret).await?;
+    let r = client::get(
+        gw,
+        "/hello",
+        &[("x-sandbox-id", &id), ("x-access-token", &tok)],
+    )
+    .await?;
+    ensure!(r.status == 200, "through Envoy: {} {}", r.status, r.text());
+    ensure!(r.json()["sandbox"] == pod.as_str());
+    drop(ctl);
+    drop(kubelet);
+    Ok(())
+}

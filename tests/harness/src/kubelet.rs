@@ -3,6 +3,11 @@
 //! port there, its status says `Running`, and after a configurable delay `Ready` (or `Failed`,
 //! for pods the options mark), so the gateway routes to it for real. A deleted pod's server is
 //! stopped, and its address refuses connections afterwards.
+//!
+//! With [`PodNetwork::Netns`] each pod gets a network namespace of its own instead (root only,
+//! Debian's `ip` from iproute2): a veth pair with a /30 (host side 10.77.x.1, pod side
+//! 10.77.x.2), the sandbox server listening inside, so traffic to the pod really crosses an
+//! interface and arrives from the host's veth address, not from loopback.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,9 +26,19 @@ use tokio::task::JoinHandle;
 
 use crate::sandbox::SandboxServer;
 
+/// Where pods live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// A loopback address of their own (127.0.1.x).
+    Loopback,
+    /// A network namespace of their own, joined to the host by a veth pair.
+    Netns,
+}
+
 /// How the kubelet treats pods.
 #[derive(Clone)]
 pub struct KubeletOptions {
+    pub network: PodNetwork,
     /// Time from a pod's first sight to `Ready`.
     pub ready_after: Duration,
     /// The port each pod's sandbox server listens on (the pool's sandbox port).
@@ -35,6 +50,7 @@ pub struct KubeletOptions {
 impl Default for KubeletOptions {
     fn default() -> Self {
         KubeletOptions {
+            network: PodNetwork::Loopback,
             ready_after: Duration::from_millis(50),
             port: 8080,
             fail: Arc::new(|_| false),
@@ -51,6 +67,75 @@ pub struct TestKubelet {
 struct Running {
     ip: Ipv4Addr,
     _server: Option<SandboxServer>,
+    /// The pod's network namespace (deleted with the pod).
+    _netns: Option<Netns>,
+}
+
+/// A network namespace made for one pod; `ip netns del` on drop (which also removes its veth
+/// pair).
+struct Netns {
+    name: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Makes pod `n`'s namespace and veth pair; returns it and the pod's address.
+fn make_netns(n: u32) -> anyhow::Result<(Netns, Ipv4Addr)> {
+    let name = format!("sbx-{}-{n}", std::process::id());
+    ip(&["netns", "add", &name])?;
+    let ns = Netns { name: name.clone() };
+    let base = n * 4;
+    let (hi, lo) = (((base >> 8) & 0xff) as u8, (base & 0xff) as u8);
+    let host = Ipv4Addr::new(10, 77, hi, lo + 1);
+    let pod = Ipv4Addr::new(10, 77, hi, lo + 2);
+    // Interface names are at most 15 bytes.
+    let (h, p) = (format!("sbh{n}"), format!("sbp{n}"));
+    ip(&["link", "add", &h, "type", "veth", "peer", "name", &p])?;
+    ip(&["link", "set", &p, "netns", &name])?;
+    ip(&["addr", "add", &format!("{host}/30"), "dev", &h])?;
+    ip(&["link", "set", &h, "up"])?;
+    ip(&[
+        "netns",
+        "exec",
+        &name,
+        "ip",
+        "addr",
+        "add",
+        &format!("{pod}/30"),
+        "dev",
+        &p,
+    ])?;
+    ip(&["netns", "exec", &name, "ip", "link", "set", &p, "up"])?;
+    ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+    ip(&[
+        "netns",
+        "exec",
+        &name,
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &host.to_string(),
+    ])?;
+    Ok((ns, pod))
 }
 
 /// The next loopback address: 127.0.1.1, 127.0.1.2, … (127.0.0.x stays for the tests' own
@@ -141,9 +226,30 @@ async fn start_pod(
 ) {
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
-    let ip = next_ip();
-    let server = SandboxServer::start(&name, SocketAddr::new(IpAddr::V4(ip), opts.port))
-        .await
+    let (ip, netns, server) = match opts.network {
+        PodNetwork::Loopback => {
+            let ip = next_ip();
+            let server =
+                SandboxServer::start(&name, SocketAddr::new(IpAddr::V4(ip), opts.port)).await;
+            (ip, None, server)
+        }
+        PodNetwork::Netns => {
+            static NEXT_NS: AtomicU32 = AtomicU32::new(1);
+            match make_netns(NEXT_NS.fetch_add(1, Ordering::Relaxed)) {
+                Ok((ns, ip)) => {
+                    let path = std::path::Path::new("/var/run/netns").join(&ns.name);
+                    let addr = SocketAddr::new(IpAddr::V4(ip), opts.port);
+                    let server = SandboxServer::start_in_netns(&name, addr, &path).await;
+                    (ip, Some(ns), server)
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %name, error = %e, "pod network not made");
+                    return;
+                }
+            }
+        }
+    };
+    let server = server
         .map_err(|e| tracing::warn!(pod = %name, error = %e, "sandbox server did not start"))
         .ok();
     running.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -151,6 +257,7 @@ async fn start_pod(
         Running {
             ip,
             _server: server,
+            _netns: netns,
         },
     );
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);

@@ -89,6 +89,35 @@ impl SandboxServer {
         socket.set_reuseaddr(true)?;
         socket.bind(bind)?;
         let listener = socket.listen(LISTEN_BACKLOG)?;
+        Self::serve(name, listener, http1_only)
+    }
+
+    /// Like [`SandboxServer::start`], but listening inside the network namespace at `netns`
+    /// (e.g. `/var/run/netns/<name>`, as `ip netns add` makes): the socket is created by a
+    /// thread that enters the namespace first, and keeps belonging to it when served here.
+    pub async fn start_in_netns(
+        name: &str,
+        bind: SocketAddr,
+        netns: &std::path::Path,
+    ) -> anyhow::Result<SandboxServer> {
+        let netns = netns.to_path_buf();
+        let std_listener = std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
+            let ns = std::fs::File::open(&netns)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            let l = std::net::TcpListener::bind(bind)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the netns thread panicked"))??;
+        let listener = TcpListener::from_std(std_listener)?;
+        Self::serve(name, listener, false)
+    }
+
+    fn serve(name: &str, listener: TcpListener, http1_only: bool) -> anyhow::Result<SandboxServer> {
         let addr = listener.local_addr()?;
 
         let name_json = serde_json::to_string(name)?;
