@@ -192,3 +192,65 @@ async fn a_replica_dropping_entries_blocks_idle_releases_while_it_drops() {
         Some(ReleaseReason::Idle)
     );
 }
+
+fn slice(port: u16, unready: bool) -> serde_json::Value {
+    let mut endpoints =
+        vec![json!({ "addresses": ["127.0.0.1"], "conditions": { "ready": true } })];
+    if unready {
+        // A terminating replica: it may still hold the only copy of some gateway's reports.
+        endpoints.push(json!({ "addresses": ["127.0.0.2"],
+            "conditions": { "ready": false, "serving": true, "terminating": true } }));
+    }
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": "sandbox-extproc-abc12", "namespace": NS,
+            "labels": { "kubernetes.io/service-name": "sandbox-extproc" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "activity", "port": port }],
+        "endpoints": endpoints,
+    })
+}
+
+/// The replicas come from the headless Service's EndpointSlices: every endpoint is asked, and
+/// one that is not ready (here: terminating) makes every pass blind until it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_are_followed_and_an_unready_replica_blocks_idle_releases() {
+    let a = replica();
+    let port = a.activity.port();
+    let s = stack(Config {
+        replicas: Some(Replicas::Service {
+            namespace: NS.into(),
+            name: "sandbox-extproc".into(),
+            port,
+        }),
+        ..cfg(vec![])
+    })
+    .await;
+    s.api.apply_object("endpointslices", slice(port, true));
+    let (_sbx, _id) = claimed(&s, "slices", "2s").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cur = Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .get("user")
+        .await
+        .unwrap();
+    assert_eq!(cur.status.as_ref().unwrap().phase, Phase::Ready);
+    assert!(
+        s.metrics
+            .idle_passes
+            .with_label_values(&["replica_unreachable"])
+            .get()
+            > 3
+    );
+    assert_eq!(
+        s.metrics.idle_passes.with_label_values(&["sighted"]).get(),
+        0
+    );
+    // The terminating replica is gone from the slice: the pass sees, and releases.
+    s.api.apply_object("endpointslices", slice(port, false));
+    let released = wait_phase(&s.client, "user", Phase::Released).await;
+    assert_eq!(
+        released.status.unwrap().release_reason,
+        Some(ReleaseReason::Idle)
+    );
+    assert!(s.metrics.idle_passes.with_label_values(&["sighted"]).get() > 0);
+}

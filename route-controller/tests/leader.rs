@@ -21,6 +21,7 @@ use support::*;
 struct Proc {
     child: Child,
     name: String,
+    metrics: std::net::SocketAddr,
 }
 
 impl Drop for Proc {
@@ -41,6 +42,7 @@ fn free_port() -> u16 {
 }
 
 fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let kc = dir.join(format!("{name}.kubeconfig"));
     api.kubeconfig_with_token(&kc, name).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
@@ -54,7 +56,7 @@ fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
             "--identity",
             name,
             "--metrics-bind-address",
-            &format!("127.0.0.1:{}", free_port()),
+            &metrics.to_string(),
         ])
         .env("KUBECONFIG", &kc)
         .env("RUST_LOG", "warn,sandbox_controller=info")
@@ -65,6 +67,7 @@ fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
     Proc {
         child,
         name: name.into(),
+        metrics,
     }
 }
 
@@ -120,6 +123,25 @@ async fn a_frozen_leader_loses_the_lease_and_none_of_its_writes_land() {
         "a standby writes nothing but its Lease attempts: {:?}",
         accepted_writes(&api, &standby.name, 0)
     );
+
+    // Both replicas are ready (a standby's caches are warm), and say who leads.
+    for p in &procs {
+        let ready = get(p.metrics, "/readyz").await.unwrap();
+        assert!(ready.starts_with("HTTP/1.1 200"), "{}: {ready}", p.name);
+        let m = get(p.metrics, "/metrics").await.unwrap();
+        let want = if p.name == first { 1 } else { 0 };
+        assert!(
+            m.contains(&format!("sandboxgateway_leader {want}")),
+            "{}: {m}",
+            p.name
+        );
+        if p.name == first {
+            assert!(
+                m.contains("sandboxgateway_pool_pods{phase=\"warm\",pool=\"ha\"} 2"),
+                "{m}"
+            );
+        }
+    }
 
     // Freeze the leader past its Lease.
     let pid = leader.child.id().to_string();

@@ -226,3 +226,70 @@ async fn max_lifetime_releases_and_pool_deletion_releases() {
     );
     wait_gone(Api::<Pod>::namespaced(s.client.clone(), NS), &pod).await;
 }
+
+/// A template change replaces the warm pods, never the claimed one, and the status shows the
+/// rollout's progress until no outdated pod is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_change_replaces_warm_pods_and_never_claimed_ones() {
+    let s = stack(Config::default()).await;
+    make_pool(&s.client, "roll", 2, json!({})).await;
+    let before = wait_warm(&s.client, "roll", 2).await;
+    let old_hash = before.status.unwrap().template_hash.unwrap();
+    make_sandbox(&s.client, "busy", "roll", json!({})).await;
+    let busy = wait_phase(&s.client, "busy", Phase::Ready).await;
+    wait_counts(&s.client, "roll", 2, 1).await;
+    let claimed_uid = Api::<Pod>::namespaced(s.client.clone(), NS)
+        .get(&pod_name(&busy))
+        .await
+        .unwrap()
+        .uid();
+    let old_warm: Vec<_> = pool_pods(&s.client, "roll")
+        .await
+        .into_iter()
+        .filter(|p| p.uid() != claimed_uid)
+        .map(|p| p.uid())
+        .collect();
+    Api::<SandboxPool>::namespaced(s.client.clone(), NS)
+        .patch(
+            "roll",
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({ "spec": { "template": { "spec": {
+                "containers": [{ "name": "sandbox", "image": "example/sandbox:2" }] } } } })),
+        )
+        .await
+        .unwrap();
+    let api = Api::<SandboxPool>::namespaced(s.client.clone(), NS);
+    let old = old_hash.clone();
+    let done = move |p: Option<&SandboxPool>| {
+        p.and_then(|p| p.status.as_ref()).is_some_and(|st| {
+            st.template_hash.as_deref() != Some(old.as_str())
+                && st.outdated == 0
+                && st.replicas == 2
+                && st.claimed == 1
+        })
+    };
+    tokio::time::timeout(
+        WAIT,
+        kube::runtime::wait::await_condition(api, "roll", done),
+    )
+    .await
+    .expect("the rollout never finished")
+    .unwrap();
+    let pods = pool_pods(&s.client, "roll").await;
+    assert!(
+        pods.iter()
+            .any(|p| p.uid() == claimed_uid && p.metadata.deletion_timestamp.is_none()),
+        "the claimed pod was replaced"
+    );
+    for p in &pods {
+        assert!(
+            !old_warm.contains(&p.uid()),
+            "an old warm pod survived the rollout"
+        );
+    }
+    let cur = Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .get("busy")
+        .await
+        .unwrap();
+    assert_eq!(cur.status.unwrap().phase, Phase::Ready);
+}
