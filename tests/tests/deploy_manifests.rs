@@ -1,7 +1,17 @@
 //! Checks of the Kubernetes manifests under `deploy/` (no cluster is reachable here):
-//! - every YAML document parses into the typed `k8s-openapi` struct of its kind, with no field
-//!   that kind does not know, and the kustomization lists exactly the manifests that exist;
-//! - RBAC grants exactly get/list/watch on pods, to the ServiceAccount the Deployment uses;
+//! - every YAML document parses into the typed `k8s-openapi` struct of its kind (the examples
+//!   into the controller's own `SandboxPool`/`Sandbox`), with no field that kind does not know,
+//!   and the kustomizations (the base, the CRDs it includes) list exactly the manifests there are;
+//! - the base renders with the real `kubectl kustomize` (kubectl must be installed): the expected
+//!   objects, all in `sandbox-gateway`, the generated token Secret's hashed name in every
+//!   Deployment; the docs apply it server-side (the SandboxPool CRD is too large for client-side
+//!   apply);
+//! - the gateway's RBAC grants exactly get/list/watch on pods, to the ServiceAccount the
+//!   Deployment uses; the controller's grants exactly the calls it makes, each verb explained;
+//! - the controller's Deployment: its ServiceAccount, leader election with 2 replicas, its
+//!   --activity-service naming the headless extproc Service and its port, the token, probes,
+//!   security, and pod labels the NetworkPolicy admits;
+//! - the example pool resolves with the controller's own settings parser;
 //! - the Envoy bootstrap in the ConfigMap is what `make deploy-bootstrap` generates from
 //!   `envoy/gateway.yaml.tmpl` and `deploy/base/envoy-configmap.yaml.tmpl`, keeps the
 //!   listener/HTTP settings of the former, and its module config is a `kubernetes` route source
@@ -21,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Service, ServiceAccount, VolumeMount,
+    ConfigMap, Container, Namespace, Secret, Service, ServiceAccount, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -35,6 +45,8 @@ use k8s_openapi::{ClusterResourceScope, Metadata, NamespaceResourceScope, Resour
 use routing::config::{GatewayConfig, RouteSourceConfig};
 use routing::contract::PORT_ANNOTATION;
 use routing::decide::READY_PATH;
+use sandbox_controller::crd::{Sandbox, SandboxPool};
+use sandbox_controller::spec::{PoolSettings, SandboxSettings};
 use sandbox_gateway_apiserver::{fake_pod, set_annotation, set_ready, FakeApiServer};
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::envoy::{
@@ -111,16 +123,24 @@ impl<K> Kind for K where
 /// The first path where two JSON values differ.
 fn difference(a: &Value, b: &Value, path: &str) -> Option<String> {
     match (a, b) {
-        (Value::Object(x), Value::Object(y)) => x.keys().chain(y.keys()).find_map(|k| {
-            let (a, b) = (x.get(k), y.get(k));
-            let null = &Value::Null;
-            difference(a.unwrap_or(null), b.unwrap_or(null), &format!("{path}.{k}"))
-        }),
+        // Each key once (not once per side: that doubles the work at every level, and the
+        // SandboxPool CRD's schema is deep).
+        (Value::Object(x), Value::Object(y)) => x
+            .keys()
+            .chain(y.keys().filter(|k| !x.contains_key(*k)))
+            .find_map(|k| {
+                let (a, b) = (x.get(k), y.get(k));
+                let null = &Value::Null;
+                difference(a.unwrap_or(null), b.unwrap_or(null), &format!("{path}.{k}"))
+            }),
         (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
             .iter()
             .zip(y)
             .enumerate()
             .find_map(|(i, (x, y))| difference(x, y, &format!("{path}[{i}]"))),
+        // The same number: kustomize writes a float schema bound (`maximum: 65535.0`) as an
+        // integer.
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
         _ => (a != b).then(|| format!("{path}: {a} vs {b}")),
     }
 }
@@ -131,13 +151,39 @@ fn difference(a: &Value, b: &Value, path: &str) -> Option<String> {
 /// back to exactly the document.
 fn typed<K: Kind>(file: &Path, doc: &Value) -> K {
     let what = format!("{}: {} {}", file.display(), K::API_VERSION, K::KIND);
-    let k: K = serde_json::from_value(doc.clone())
+    round_trip(&what, doc)
+}
+
+/// `doc` as `T`, which must serialize back to exactly `doc` (see [`typed`]); `what` names it.
+fn round_trip<T: DeserializeOwned + Serialize>(what: &str, doc: &Value) -> T {
+    let k: T = serde_json::from_value(doc.clone())
         .unwrap_or_else(|e| panic!("{what}: does not parse: {e}\n{doc}"));
     let back = serde_json::to_value(&k).unwrap();
     if let Some(d) = difference(doc, &back, "") {
         panic!("{what}: the manifest and its typed form differ (a field the schema lacks?) at {d}");
     }
     k
+}
+
+/// `doc` (from `file`) as one of the controller's own kinds (kube's CustomResource derive, not
+/// k8s-openapi): the same check as [`typed`]. The derive writes `apiVersion` and `kind` from
+/// the type, so a wrong one is a difference too.
+fn typed_custom<T: DeserializeOwned + Serialize>(file: &Path, doc: &Value) -> T {
+    let what = format!(
+        "{}: {} {}",
+        file.display(),
+        doc["apiVersion"].as_str().unwrap_or("?"),
+        doc["kind"].as_str().unwrap_or("?")
+    );
+    round_trip(&what, doc)
+}
+
+fn check_pool(file: &Path, doc: &Value) -> (ObjectMeta, bool) {
+    (typed_custom::<SandboxPool>(file, doc).metadata, true)
+}
+
+fn check_sandbox(file: &Path, doc: &Value) -> (ObjectMeta, bool) {
+    (typed_custom::<Sandbox>(file, doc).metadata, true)
 }
 
 /// Parses `doc` as `K`; returns its metadata and whether `K` is namespaced.
@@ -166,6 +212,11 @@ const KINDS: &[(&str, Check)] = &[
         check_kind::<CustomResourceDefinition>,
     ),
     (NetworkPolicy::KIND, check_kind::<NetworkPolicy>),
+    // Only in the rendered base (the secretGenerator's output).
+    (Secret::KIND, check_kind::<Secret>),
+    // The controller's own kinds: the examples.
+    ("SandboxPool", check_pool),
+    ("Sandbox", check_sandbox),
 ];
 
 /// Every object of kind `K` under deploy/, typed.
@@ -266,10 +317,61 @@ fn address(v: &Value) -> String {
     format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"])
 }
 
+const KUSTOMIZATION: (&str, &str) = ("kustomize.config.k8s.io/v1beta1", "Kustomization");
+
+/// Checks one API object with the [`KINDS`] entry of its kind: its metadata and whether the kind
+/// is namespaced.
+fn check_doc(f: &Path, d: &Value) -> (String, ObjectMeta, bool) {
+    let Some(kind) = d["kind"].as_str() else {
+        panic!("{}: a document without kind: {d}", f.display());
+    };
+    let check = KINDS.iter().find(|(k, _)| *k == kind);
+    let (_, check) =
+        check.unwrap_or_else(|| panic!("{}: kind {kind} is not checked here", f.display()));
+    let (meta, namespaced) = check(f, d);
+    (kind.to_string(), meta, namespaced)
+}
+
+/// The namespace of the examples (deploy/examples/namespace.yaml); everything else is in
+/// `sandbox-gateway`.
+const EXAMPLES_NAMESPACE: &str = "sandboxes";
+
+/// A kustomization's `resources`, split into files and directories (other kustomizations).
+fn kustomization_resources(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let file = dir.join("kustomization.yaml");
+    let k = parse_docs(
+        &std::fs::read_to_string(&file).unwrap(),
+        &file.display().to_string(),
+    );
+    let (mut files, mut dirs): (Vec<String>, Vec<String>) = k[0]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .partition(|r| r.ends_with(".yaml") || r.ends_with(".yml"));
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+/// The YAML files directly under `dir`, but its kustomization.
+fn manifests_in(dir: &Path) -> Vec<String> {
+    let mut present = Vec::new();
+    yaml_files(dir, &mut present);
+    let mut present: Vec<String> = present
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .filter(|n| n != "kustomization.yaml")
+        .collect();
+    present.sort();
+    present
+}
+
 #[test]
 fn every_manifest_parses_and_the_kustomization_lists_them() {
     let docs = all_docs();
-    let mut kustomizations = 0;
+    let mut kustomizations = Vec::new();
+    let examples = deploy_dir().join("examples");
     for (f, d) in &docs {
         let (Some(api_version), Some(kind)) = (d["apiVersion"].as_str(), d["kind"].as_str()) else {
             panic!(
@@ -277,46 +379,51 @@ fn every_manifest_parses_and_the_kustomization_lists_them() {
                 f.display()
             );
         };
-        if (api_version, kind) == ("kustomize.config.k8s.io/v1beta1", "Kustomization") {
-            kustomizations += 1;
+        if (api_version, kind) == KUSTOMIZATION {
+            kustomizations.push(f.parent().unwrap().to_path_buf());
             continue;
         }
-        let check = KINDS.iter().find(|(k, _)| *k == kind);
-        let (_, check) =
-            check.unwrap_or_else(|| panic!("{}: kind {kind} is not checked here", f.display()));
-        let (meta, namespaced) = check(f, d);
+        let (kind, meta, namespaced) = check_doc(f, d);
         let ns = meta.namespace.as_deref();
         if namespaced {
-            assert_eq!(ns, Some("sandbox-gateway"), "{}: {kind}", f.display());
+            let want = if f.starts_with(&examples) {
+                EXAMPLES_NAMESPACE
+            } else {
+                "sandbox-gateway"
+            };
+            assert_eq!(ns, Some(want), "{}: {kind}", f.display());
         } else {
             assert_eq!(ns, None, "{}: {kind} is cluster-scoped", f.display());
         }
     }
-    assert_eq!(kustomizations, 1);
-    let base = deploy_dir().join("base");
-    let k = parse_docs(
-        &std::fs::read_to_string(base.join("kustomization.yaml")).unwrap(),
-        "k",
-    );
-    let mut listed: Vec<String> = k[0]["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_string())
-        .collect();
-    listed.sort();
-    let mut present = Vec::new();
-    yaml_files(&base, &mut present);
-    let mut present: Vec<String> = present
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .filter(|n| n != "kustomization.yaml")
-        .collect();
-    present.sort();
+    // The base, and the CRDs it includes. The examples are applied on their own (not a
+    // kustomization): they need the CRDs to be established first.
+    kustomizations.sort();
+    let (base, crds) = (deploy_dir().join("base"), deploy_dir().join("crds"));
+    assert_eq!(kustomizations, [base.clone(), crds.clone()]);
+    let (files, dirs) = kustomization_resources(&base);
     assert_eq!(
-        listed, present,
+        files,
+        manifests_in(&base),
         "kustomization resources vs files in deploy/base"
     );
+    assert_eq!(
+        dirs,
+        ["../crds"],
+        "the base includes the CRDs' kustomization"
+    );
+    let (files, dirs) = kustomization_resources(&crds);
+    assert_eq!(
+        files,
+        manifests_in(&crds),
+        "kustomization resources vs files in deploy/crds"
+    );
+    assert!(dirs.is_empty());
+    let crd_kinds: Vec<String> = all_of::<CustomResourceDefinition>()
+        .iter()
+        .map(|c| c.spec.names.kind.clone())
+        .collect();
+    assert_eq!(crd_kinds, ["SandboxPool", "Sandbox"]);
 }
 
 #[test]
@@ -355,21 +462,29 @@ fn assert_read_only_pods(rules: Option<&[PolicyRule]>, what: &str) {
 
 #[test]
 fn rbac_grants_exactly_read_on_pods() {
+    // The gateway's and the controller's (controller_rbac_is_exactly_what_the_code_calls).
+    let names = |v: Vec<ObjectMeta>| -> Vec<String> {
+        let mut n: Vec<String> = v.into_iter().map(|m| m.name.unwrap()).collect();
+        n.sort();
+        n
+    };
     let roles = all_of::<ClusterRole>();
-    assert_eq!(roles.len(), 1, "one ClusterRole");
-    assert!(
-        all_of::<Role>().is_empty(),
-        "no Role besides the ClusterRole"
+    assert_eq!(
+        names(roles.iter().map(|r| r.metadata.clone()).collect()),
+        ["sandbox-controller", "sandbox-gateway-pod-reader"]
     );
-    assert_read_only_pods(roles[0].rules.as_deref(), "the ClusterRole");
+    assert_eq!(
+        names(all_of::<Role>().into_iter().map(|r| r.metadata).collect()),
+        ["sandbox-controller"],
+        "no Role but the controller's"
+    );
+    let role: ClusterRole = find("sandbox-gateway-pod-reader");
+    assert_read_only_pods(role.rules.as_deref(), "the ClusterRole");
 
     let binding: ClusterRoleBinding = find("sandbox-gateway-pod-reader");
     assert_eq!(binding.role_ref.api_group, ClusterRole::GROUP);
     assert_eq!(binding.role_ref.kind, ClusterRole::KIND);
-    assert_eq!(
-        Some(&binding.role_ref.name),
-        roles[0].metadata.name.as_ref()
-    );
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
     let sa = [Subject {
         kind: ServiceAccount::KIND.into(),
         name: "sandbox-gateway".into(),
@@ -377,6 +492,12 @@ fn rbac_grants_exactly_read_on_pods() {
         api_group: None,
     }];
     assert_eq!(binding.subjects.as_deref(), Some(&sa[..]));
+    // Nothing else is bound to the gateway's ServiceAccount.
+    assert_eq!(
+        bound_rules("sandbox-gateway").len(),
+        3,
+        "get/list/watch pods"
+    );
     let _: ServiceAccount = find("sandbox-gateway");
     let dep: Deployment = find("sandbox-gateway");
     let pod = dep.spec.and_then(|s| s.template.spec).expect("pod spec");
@@ -1040,4 +1161,567 @@ fn token_secret_is_wired_into_both_pods() {
         v.config_map.as_ref().map(|c| c.name.as_str()),
         Some("sandbox-extproc")
     );
+}
+
+/// One permission: (where: `*` cluster-wide or a namespace, API group, resource, resource
+/// names, verb).
+type Grant = (String, String, String, Vec<String>, String);
+
+fn grants(scope: &str, rules: Option<&[PolicyRule]>) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for r in rules.unwrap_or_default() {
+        assert!(r.non_resource_urls.is_none(), "{r:?}");
+        for g in r.api_groups.as_deref().unwrap_or_default() {
+            for res in r.resources.as_deref().unwrap_or_default() {
+                for v in &r.verbs {
+                    let names = r.resource_names.clone().unwrap_or_default();
+                    out.push((scope.into(), g.clone(), res.clone(), names, v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Everything bound to the ServiceAccount `sa` of `sandbox-gateway`, through any binding.
+fn bound_rules(sa: &str) -> std::collections::BTreeSet<Grant> {
+    let subject = Subject {
+        kind: ServiceAccount::KIND.into(),
+        name: sa.into(),
+        namespace: Some("sandbox-gateway".into()),
+        api_group: None,
+    };
+    let binds = |s: &Option<Vec<Subject>>| s.as_deref().unwrap_or_default().contains(&subject);
+    let mut out = std::collections::BTreeSet::new();
+    for b in all_of::<ClusterRoleBinding>() {
+        if binds(&b.subjects) {
+            assert_eq!(b.role_ref.kind, ClusterRole::KIND);
+            let role: ClusterRole = find(&b.role_ref.name);
+            out.extend(grants("*", role.rules.as_deref()));
+        }
+    }
+    for b in all_of::<RoleBinding>() {
+        if binds(&b.subjects) {
+            let ns = b.metadata.namespace.clone().unwrap();
+            let rules = if b.role_ref.kind == Role::KIND {
+                let role: Role = find(&b.role_ref.name);
+                assert_eq!(role.metadata.namespace.as_deref(), Some(&ns[..]));
+                role.rules
+            } else {
+                find::<ClusterRole>(&b.role_ref.name).rules
+            };
+            out.extend(grants(&ns, rules.as_deref()));
+        }
+    }
+    out
+}
+
+/// The controller's Deployment's pod spec and its container.
+fn controller_pod() -> (Deployment, k8s_openapi::api::core::v1::PodSpec, Container) {
+    let dep: Deployment = find("sandbox-controller");
+    let pod = dep
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    let c = container(Some(&pod.containers), "controller").clone();
+    (dep, pod, c)
+}
+
+/// The value after `flag` in `args` (`--flag value`).
+fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let w = args.windows(2).find(|w| w[0] == flag);
+    &w.unwrap_or_else(|| panic!("no {flag} in {args:?}"))[1]
+}
+
+/// The API calls route-controller/src makes (`sandbox-controller run`), as RBAC grants; see the
+/// comments in deploy/base/controller-rbac.yaml for which call needs which verb. A new verb
+/// here, in the manifest or in the code, must change all three.
+#[test]
+fn controller_rbac_is_exactly_what_the_code_calls() {
+    let cluster = |group: &str, resource: &str, verbs: &[&str]| -> Vec<Grant> {
+        verbs
+            .iter()
+            .map(|v| {
+                let names = Vec::new();
+                (
+                    "*".into(),
+                    group.into(),
+                    resource.into(),
+                    names,
+                    v.to_string(),
+                )
+            })
+            .collect()
+    };
+    let ns = |resource: (&str, &str), names: &[&str], verbs: &[&str]| -> Vec<Grant> {
+        verbs
+            .iter()
+            .map(|v| {
+                let names = names.iter().map(|n| n.to_string()).collect();
+                let (g, r) = (resource.0.into(), resource.1.into());
+                ("sandbox-gateway".into(), g, r, names, v.to_string())
+            })
+            .collect()
+    };
+    let sgw = "sandboxgateway.io";
+    let want: std::collections::BTreeSet<Grant> = [
+        cluster(
+            "",
+            "pods",
+            &["get", "list", "watch", "create", "patch", "delete"],
+        ),
+        cluster("", "secrets", &["get", "list", "watch", "create"]),
+        cluster(sgw, "sandboxes", &["get", "list", "watch", "patch"]),
+        cluster(sgw, "sandboxes/status", &["patch"]),
+        cluster(sgw, "sandboxes/finalizers", &["update"]),
+        cluster(sgw, "sandboxpools", &["list", "watch"]),
+        cluster(sgw, "sandboxpools/status", &["patch"]),
+        cluster(sgw, "sandboxpools/finalizers", &["update"]),
+        cluster("events.k8s.io", "events", &["create", "patch"]),
+        ns(
+            ("coordination.k8s.io", "leases"),
+            &["sandbox-controller"],
+            &["get", "update"],
+        ),
+        ns(("coordination.k8s.io", "leases"), &[], &["create"]),
+        ns(("discovery.k8s.io", "endpointslices"), &[], &["list"]),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let have = bound_rules("sandbox-controller");
+    let extra: Vec<_> = have.difference(&want).collect();
+    let missing: Vec<_> = want.difference(&have).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "sandbox-controller's RBAC: granted but not needed {extra:?}; needed but not granted \
+         {missing:?}"
+    );
+
+    // The namespaced rules are where the Lease and the EndpointSlices are: the Deployment's
+    // namespace (the Lease's, from POD_NAMESPACE) and the --activity-service namespace.
+    let (dep, _, c) = controller_pod();
+    let args = c.args.as_deref().unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a == "--lease-namespace"),
+        "the Lease is in POD_NAMESPACE"
+    );
+    assert_eq!(dep.metadata.namespace.as_deref(), Some("sandbox-gateway"));
+    assert_eq!(flag(args, "--lease-name"), "sandbox-controller");
+    let service = flag(args, "--activity-service");
+    assert!(service.starts_with("sandbox-gateway/"), "{service}");
+
+    // Every rule says, in the comment right above it, why each of its verbs is needed
+    // (`#   verb: why`, or `#   verb, verb: why`).
+    let file = deploy_dir().join("base/controller-rbac.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let comments: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("- apiGroups:"))
+        .map(|(i, _)| {
+            let above = lines[..i].iter().rev().take_while(|l| l.starts_with('#'));
+            above.map(|l| format!("{l}\n")).collect()
+        })
+        .collect();
+    let mut rules: Vec<PolicyRule> = Vec::new();
+    for d in parse_docs(&text, "controller-rbac.yaml") {
+        match d["kind"].as_str() {
+            Some("ClusterRole") => rules.extend(typed::<ClusterRole>(&file, &d).rules.unwrap()),
+            Some("Role") => rules.extend(typed::<Role>(&file, &d).rules.unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(comments.len(), rules.len());
+    for (comment, rule) in comments.iter().zip(&rules) {
+        for v in &rule.verbs {
+            assert!(
+                comment.contains(&format!(" {v}:")) || comment.contains(&format!(" {v}, ")),
+                "the comment above the rule {:?} does not say why {v:?}:\n{comment}",
+                rule.resources
+            );
+        }
+    }
+}
+
+#[test]
+fn controller_deployment_wiring_is_consistent() {
+    let (dep, pod, c) = controller_pod();
+    let _: ServiceAccount = find("sandbox-controller");
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("sandbox-controller")
+    );
+    let spec = dep.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2), "a leader and a warm standby");
+    let args = c.args.as_deref().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    assert!(args.iter().any(|a| a == "--leader-elect"), "{args:?}");
+    assert_eq!(c.image.as_deref(), Some("sandbox-controller"));
+    let k = parse_docs(
+        &std::fs::read_to_string(deploy_dir().join("base/kustomization.yaml")).unwrap(),
+        "k",
+    );
+    named(&k[0]["images"], "sandbox-controller");
+
+    // The Lease identity and namespace from the downward API.
+    let env = c.env.as_deref().unwrap_or_default();
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let e = env.iter().find(|e| e.name == name);
+        let e = e.unwrap_or_else(|| panic!("no {name}"));
+        let field = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(field.map(|f| f.field_path.as_str()), Some(path), "{name}");
+    }
+
+    // Its pods carry the labels the Deployment selects, the PDB covers and the NetworkPolicy
+    // admits to sandbox-extproc.
+    let labels = pod_labels(&dep);
+    assert_eq!(json!(spec.selector.match_labels), labels);
+    let pdb: PodDisruptionBudget = find("sandbox-controller");
+    let pdb = pdb.spec.as_ref().unwrap();
+    assert_eq!(json!(pdb.selector.as_ref().unwrap().match_labels), labels);
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    let np: NetworkPolicy = find("sandbox-extproc");
+    let np = np.spec.as_ref().unwrap();
+    let rule = &np.ingress.as_deref().unwrap()[0];
+    let admitted = rule.from.as_deref().unwrap().iter().any(|peer| {
+        let sel = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref());
+        sel.is_some_and(|m| m.iter().all(|(k, v)| labels[k] == json!(v)))
+    });
+    assert!(
+        admitted,
+        "the NetworkPolicy does not admit the controller pods {labels}"
+    );
+
+    // --activity-service names the headless sandbox-extproc Service, on its ActivityService
+    // port, which the NetworkPolicy admits and the extproc container serves.
+    let service = flag(args, "--activity-service");
+    let (ns, rest) = service.split_once('/').expect("namespace/name:port");
+    let (name, port) = rest.rsplit_once(':').expect("namespace/name:port");
+    let port: i32 = port.parse().unwrap();
+    assert_eq!(ns, dep.metadata.namespace.as_deref().unwrap());
+    let svc: Service = find(name);
+    assert_eq!(svc.metadata.namespace.as_deref(), Some(ns));
+    let svc = svc.spec.as_ref().unwrap();
+    assert_eq!(
+        svc.cluster_ip.as_deref(),
+        Some("None"),
+        "{name} is headless"
+    );
+    let sp = svc.ports.as_deref().unwrap_or_default();
+    let sp = sp.iter().find(|p| p.port == port);
+    let sp = sp.unwrap_or_else(|| panic!("{name} has no port {port}"));
+    assert_eq!(sp.name.as_deref(), Some("grpc-activity"));
+    let extproc: Deployment = find("sandbox-extproc");
+    assert_eq!(json!(svc.selector), pod_labels(&extproc));
+    let epod = extproc.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    let ec = container(epod.map(|p| &p.containers[..]), "extproc");
+    let cp = ec.ports.as_deref().unwrap_or_default();
+    let cp = cp
+        .iter()
+        .find(|p| p.name.as_deref() == Some("grpc-activity"));
+    assert_eq!(
+        cp.map(|p| p.container_port),
+        Some(port),
+        "the endpoints' port"
+    );
+    let np_ports = rule.ports.as_deref().unwrap_or_default();
+    assert!(np_ports
+        .iter()
+        .any(|p| p.port == Some(IntOrString::Int(port))));
+
+    // The token: the same generated Secret as the gateway and sandbox-extproc, at the file
+    // --activity-token-file reads.
+    let vols = pod.volumes.as_deref().unwrap_or_default();
+    let v = vols.iter().find(|v| v.name == "activity-token");
+    let secret = v
+        .and_then(|v| v.secret.as_ref())
+        .and_then(|s| s.secret_name.as_deref());
+    assert_eq!(secret, Some("sandbox-activity-token"));
+    assert_eq!(
+        flag(args, "--activity-token-file"),
+        format!("{}/token", mount_path(&c, "activity-token"))
+    );
+
+    // One port, `metrics`, where --metrics-bind-address listens; the probes use it.
+    let bind: SocketAddr = flag(args, "--metrics-bind-address").parse().unwrap();
+    let ports = c.ports.as_deref().unwrap_or_default();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].name.as_deref(), Some("metrics"));
+    assert_eq!(ports[0].container_port, i32::from(bind.port()));
+    for (probe, path) in [
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref());
+        let get = get.unwrap_or_else(|| panic!("no {path} probe"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("metrics".into()));
+    }
+
+    // The status URLs are the gateway's Host routing for its configured domain.
+    let url = flag(args, "--url-template");
+    let module = module_config(&bootstrap());
+    let domain = module["host_domains"][0].as_str().expect("host_domains");
+    assert!(
+        url.ends_with(&format!("://{{port}}-{{id}}.{domain}")),
+        "{url} vs {domain}"
+    );
+
+    // Hardened like the gateway's pods.
+    let psc = pod.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(
+        (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+        (Some(true), Some(false))
+    );
+    let drop = sc.capabilities.as_ref().and_then(|c| c.drop.as_deref());
+    assert_eq!(drop, Some(&["ALL".to_string()][..]));
+    let res = c.resources.as_ref().expect("resources");
+    assert!(
+        res.requests.is_some()
+            && res
+                .limits
+                .as_ref()
+                .is_some_and(|l| l.contains_key("memory"))
+    );
+}
+
+#[test]
+fn examples_are_valid_for_the_controller() {
+    let dir = deploy_dir().join("examples");
+    let one = |file: &str| -> Value {
+        let f = dir.join(file);
+        let mut docs = parse_docs(&std::fs::read_to_string(&f).unwrap(), file);
+        assert_eq!(docs.len(), 1, "{file}");
+        docs.remove(0)
+    };
+    let pool: SandboxPool = typed_custom(&dir.join("pool.yaml"), &one("pool.yaml"));
+    let settings = PoolSettings::resolve(&pool.spec)
+        .unwrap_or_else(|e| panic!("the controller rejects the example pool: {e}"));
+    assert_eq!(settings.replicas, 3);
+    assert_eq!(settings.port, 8080);
+    assert_eq!(settings.idle_timeout, Some(Duration::from_secs(15 * 60)));
+    assert_eq!(settings.max_lifetime, Some(Duration::from_secs(8 * 3600)));
+    let tmpl = pool.spec.template.spec.as_ref().unwrap();
+    let c = container(Some(&tmpl.containers), "sandbox");
+    assert_eq!(c.image.as_deref(), Some("python:3.12-slim"));
+    let served = c.command.as_deref().unwrap_or_default().join(" ");
+    assert!(served.starts_with("python -m http.server 8080"), "{served}");
+
+    let sbx: Sandbox = typed_custom(&dir.join("sandbox.yaml"), &one("sandbox.yaml"));
+    assert_eq!(Some(&sbx.spec.pool_ref), pool.metadata.name.as_ref());
+    assert_eq!(sbx.metadata.namespace, pool.metadata.namespace);
+    SandboxSettings::resolve(&sbx.spec, &settings)
+        .unwrap_or_else(|e| panic!("the controller rejects the example sandbox: {e}"));
+    let ns: Namespace = typed(&dir.join("namespace.yaml"), &one("namespace.yaml"));
+    assert_eq!(ns.metadata.name.as_deref(), Some(EXAMPLES_NAMESPACE));
+    assert_eq!(pool.metadata.namespace.as_deref(), Some(EXAMPLES_NAMESPACE));
+}
+
+/// The SandboxPool CRD (the whole PodTemplateSpec schema) is larger than the 256 KiB
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation a client-side apply writes, so
+/// every apply of the base the docs show is server-side.
+#[test]
+fn docs_apply_the_base_server_side() {
+    let crds = std::fs::read_to_string(deploy_dir().join("crds/sandboxgateway.io.yaml")).unwrap();
+    assert!(
+        crds.len() > 256 * 1024,
+        "the reason is gone: {} bytes",
+        crds.len()
+    );
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains("kubectl apply --server-side -k deploy/base"),
+        "deploy/README.md must say to apply with `kubectl apply --server-side -k deploy/base`"
+    );
+    for file in [
+        "README.md",
+        "base/kustomization.yaml",
+        "crds/kustomization.yaml",
+    ] {
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+        for line in text.lines() {
+            if line.contains("kubectl apply") && line.contains(" -k") {
+                assert!(line.contains("--server-side"), "deploy/{file}: {line}");
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// The base as the real kustomize (`kubectl kustomize`, kubectl 1.32 here) renders it: what
+/// `kubectl apply --server-side -k deploy/base` would send.
+#[test]
+fn base_renders_with_kubectl_kustomize() {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dir.path().join("deploy");
+    copy_dir(&deploy_dir(), &deploy);
+    // The git-ignored token the secretGenerator reads: a stand-in.
+    std::fs::write(deploy.join("base/activity-token"), "stand-in-token").unwrap();
+    let out = std::process::Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(deploy.join("base"))
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`{kubectl}` not found: this test renders deploy/base with the real kustomize. \
+             Install kubectl 1.32 (e.g. `curl -LO https://dl.k8s.io/release/v1.32.4/bin/linux/amd64/kubectl \
+             && sudo install -m 0755 kubectl /usr/local/bin/kubectl`), or point KUBECTL at one"
+        ),
+        Err(e) => panic!("running {kubectl}: {e}"),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl kustomize failed: {stderr}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rendered = Path::new("kubectl kustomize deploy/base");
+    let docs = parse_docs(&text, "the rendered base");
+
+    let mut objects = Vec::new();
+    let mut secret_name = None;
+    for d in &docs {
+        let (kind, meta, namespaced) = check_doc(rendered, d);
+        let name = meta.name.clone().unwrap();
+        if namespaced {
+            assert_eq!(
+                meta.namespace.as_deref(),
+                Some("sandbox-gateway"),
+                "{kind} {name}"
+            );
+        } else {
+            assert_eq!(meta.namespace, None, "{kind} {name}");
+        }
+        let labels = meta.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("app.kubernetes.io/part-of").map(String::as_str),
+            Some("sandbox-gateway"),
+            "{kind} {name}"
+        );
+        let name = if kind == Secret::KIND {
+            let hash = name.strip_prefix("sandbox-activity-token-");
+            let hash = hash.unwrap_or_else(|| panic!("Secret {name}"));
+            assert!(!hash.is_empty() && hash.chars().all(|c| c.is_ascii_alphanumeric()));
+            let s: Secret = typed(rendered, d);
+            let token = s.data.as_ref().and_then(|d| d.get("token")).expect("token");
+            assert_eq!(token.0, b"stand-in-token");
+            secret_name = Some(name.clone());
+            "sandbox-activity-token-<hash>".into()
+        } else {
+            name
+        };
+        objects.push((kind, name));
+    }
+    objects.sort();
+    let mut want: Vec<(String, String)> = [
+        ("ClusterRole", "sandbox-controller"),
+        ("ClusterRole", "sandbox-gateway-pod-reader"),
+        ("ClusterRoleBinding", "sandbox-controller"),
+        ("ClusterRoleBinding", "sandbox-gateway-pod-reader"),
+        ("ConfigMap", "sandbox-extproc"),
+        ("ConfigMap", "sandbox-gateway-envoy"),
+        ("CustomResourceDefinition", "sandboxes.sandboxgateway.io"),
+        ("CustomResourceDefinition", "sandboxpools.sandboxgateway.io"),
+        ("Deployment", "sandbox-controller"),
+        ("Deployment", "sandbox-extproc"),
+        ("Deployment", "sandbox-gateway"),
+        ("Namespace", "sandbox-gateway"),
+        ("NetworkPolicy", "sandbox-extproc"),
+        ("PodDisruptionBudget", "sandbox-controller"),
+        ("PodDisruptionBudget", "sandbox-gateway"),
+        ("Role", "sandbox-controller"),
+        ("RoleBinding", "sandbox-controller"),
+        ("Secret", "sandbox-activity-token-<hash>"),
+        ("Service", "sandbox-extproc"),
+        ("Service", "sandbox-gateway"),
+        ("ServiceAccount", "sandbox-controller"),
+        ("ServiceAccount", "sandbox-gateway"),
+    ]
+    .iter()
+    .map(|(k, n)| (k.to_string(), n.to_string()))
+    .collect();
+    want.sort();
+    assert_eq!(objects, want);
+
+    // Every Deployment mounts the generated Secret by its hashed name, and nothing refers to the
+    // unhashed one.
+    let secret_name = secret_name.unwrap();
+    let mut mounted = Vec::new();
+    for d in docs.iter().filter(|d| d["kind"] == Deployment::KIND) {
+        let dep: Deployment = typed(rendered, d);
+        let pod = dep.spec.and_then(|s| s.template.spec).unwrap();
+        let vols = pod.volumes.unwrap_or_default();
+        let v = vols.iter().find(|v| v.name == "activity-token");
+        let s = v
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone());
+        assert_eq!(
+            s.as_deref(),
+            Some(&secret_name[..]),
+            "{:?}",
+            dep.metadata.name
+        );
+        mounted.push(dep.metadata.name.unwrap());
+    }
+    assert_eq!(mounted.len(), 3);
+    assert_eq!(
+        text.matches("sandbox-activity-token").count(),
+        text.matches(&secret_name[..]).count(),
+        "an unhashed reference to the Secret"
+    );
+    // The images are kustomize's (`images:`).
+    for (dep, cname, image) in [
+        (
+            "sandbox-controller",
+            "controller",
+            "sandbox-controller:latest",
+        ),
+        ("sandbox-extproc", "extproc", "sandbox-extproc:latest"),
+    ] {
+        let d = docs
+            .iter()
+            .find(|d| d["kind"] == Deployment::KIND && d["metadata"]["name"] == dep)
+            .unwrap();
+        let dep: Deployment = typed(rendered, d);
+        let pod = dep.spec.and_then(|s| s.template.spec).unwrap();
+        assert_eq!(
+            container(Some(&pod.containers), cname).image.as_deref(),
+            Some(image)
+        );
+    }
+    // The bindings' subjects are in the namespace the objects went to.
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == ClusterRoleBinding::KIND)
+    {
+        let b: ClusterRoleBinding = typed(rendered, d);
+        for s in b.subjects.unwrap_or_default() {
+            assert_eq!(s.namespace.as_deref(), Some("sandbox-gateway"));
+        }
+    }
 }
