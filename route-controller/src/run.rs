@@ -37,6 +37,9 @@ where
     }
 }
 
+/// Waiting sandboxes woken by one pool pod's event.
+const WAKE_PER_POD_EVENT: usize = 8;
+
 /// Sandboxes to reconcile when a pod changes: its owner, and the pending sandboxes of its pool
 /// when it may have become warm.
 fn pod_to_sandboxes(pod: &Pod, sandboxes: &Store<Sandbox>) -> Vec<ObjectRef<Sandbox>> {
@@ -54,15 +57,25 @@ fn pod_to_sandboxes(pod: &Pod, sandboxes: &Store<Sandbox>) -> Vec<ObjectRef<Sand
     let Some(pool) = pod.labels().get(POOL_LABEL) else {
         return Vec::new();
     };
-    sandboxes
-        .state_filter(|s| {
-            s.namespace().as_deref() == Some(&ns)
-                && &s.spec.pool_ref == pool
-                && s.status
-                    .as_ref()
-                    .is_none_or(|st| st.phase == Phase::Pending && st.pod_uid.is_none())
-        })
+    let mut waiting = sandboxes.state_filter(|s| {
+        s.namespace().as_deref() == Some(&ns)
+            && &s.spec.pool_ref == pool
+            && s.status
+                .as_ref()
+                .is_none_or(|st| st.phase == Phase::Pending && st.pod_uid.is_none())
+    });
+    // A pod that turned warm serves one claim: wake the oldest few waiters, not all of them
+    // (waking every waiter on every pod event made a 1,000-claim burst quadratic). The rest
+    // look again on their own within a second.
+    waiting.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    });
+    waiting
         .iter()
+        .take(WAKE_PER_POD_EVENT)
         .map(|s| ObjectRef::from_obj(&**s))
         .collect()
 }

@@ -176,7 +176,11 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
                 .inc();
             // A pool pod turning warm re-triggers this reconcile (the pod watch maps it to the
             // pool's pending sandboxes); the requeue is the claimWait bound.
-            return Ok(Action::requeue(Duration::from_millis(wait_ms - age_ms)));
+            // Pod events wake only the oldest few waiters (see run.rs), so look again within a
+            // second as well.
+            return Ok(Action::requeue(Duration::from_millis(
+                (wait_ms - age_ms).min(1000),
+            )));
         }
         ctx.metrics
             .claims
@@ -193,6 +197,7 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     };
     let token_sha = token_hash(&settings, token.as_deref());
     let id = crate::ids::new_unique_id(|c| ctx.id_taken(c))?;
+    ctx.note_drawn(&id);
     let mut bound = Bound::Empty;
     if warm {
         bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
