@@ -7,6 +7,7 @@ VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 CARGO ?= cargo
 # `make demo MODE=extproc`: Envoy's ext_proc filter + sandbox-extproc instead of the module.
+# `make demo MODE=cluster`: the whole control plane (API server, controller, Envoy in Kubernetes mode).
 MODE ?= filter
 
 .PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse bench-controller
@@ -42,14 +43,17 @@ pydeps: envoy
 	@$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PYDEPS)
 	@echo "python test deps ($(PYDEPS)): $(VENV)"
 
-# Release module (target/release/libsandbox_gateway.so) and binaries: sandbox-extproc, and the
-# demo's sandbox-demo and sandbox-echo-server (the upstream of bench-callgrind and bench-wrk).
+# Release module (target/release/libsandbox_gateway.so) and binaries: sandbox-extproc, the
+# demo's sandbox-demo and sandbox-echo-server (the upstream of bench-callgrind and bench-wrk), and
+# sandbox-controller (the `claim` command `make demo MODE=cluster` suggests).
 build:
 	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
-	$(CARGO) build --release -p sandbox-gateway-demo --bins
+	$(CARGO) build --release -p sandbox-gateway-demo -p sandbox-gateway-controller --bins
 
 # Three local sandboxes behind Envoy on 127.0.0.1:10000; prints commands to try. Ctrl-C ends it.
 # MODE=filter (default: the module) or MODE=extproc (ext_proc filter + sandbox-extproc).
+# MODE=cluster: API server, kubelet, controller and Envoy in Kubernetes mode; a sandbox's lifecycle
+# (pool fill, claim, request, idle release, refill) printed as it happens, then kubectl to try.
 demo: envoy build
 	target/release/sandbox-demo --mode $(MODE)
 
@@ -60,6 +64,8 @@ demo-check: envoy
 	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
 	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only --mode extproc
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/debug SANDBOX_EXTPROC_BIN=$(CURDIR)/target/debug/sandbox-extproc \
+	  $(CARGO) run -q -p sandbox-gateway-demo --bin sandbox-demo -- --check-only --mode cluster
 
 # Rewrites deploy/base/envoy-configmap.yaml from envoy/gateway.yaml.tmpl and the deploy-only parts
 # in deploy/base/envoy-configmap.yaml.tmpl (deploy/gen; no Envoy needed). A test in

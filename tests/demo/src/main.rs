@@ -1,13 +1,18 @@
-//! `sandbox-demo [--check-only] [--mode filter|extproc]`: the gateway on one machine. Starts three
-//! local sandboxes (alpha, beta, gamma), writes `.demo/routes.json`, starts Envoy 1.40 with
-//! `envoy/demo.yaml` (listener 127.0.0.1:10000, admin 127.0.0.1:9901), prints ready-to-paste
-//! commands, checks each of them itself, then runs until Ctrl-C/SIGTERM. `--check-only` exits
-//! after the checks (status 0 when all pass). The module comes from `$SANDBOX_GATEWAY_MODULE_DIR`,
+//! `sandbox-demo [--check-only] [--mode filter|extproc|cluster]`: the gateway on one machine.
+//! Starts three local sandboxes (alpha, beta, gamma), writes `.demo/routes.json`, starts Envoy
+//! 1.40 with `envoy/demo.yaml` (listener 127.0.0.1:10000, admin 127.0.0.1:9901), prints
+//! ready-to-paste commands, checks each of them itself, then runs until Ctrl-C/SIGTERM.
+//! `--check-only` exits after the checks (status 0 when all pass). The module comes from `$SANDBOX_GATEWAY_MODULE_DIR`,
 //! by default `target/release` (`make build`). `--mode extproc` runs Envoy's ext_proc filter
 //! against `sandbox-extproc` (`envoy/extproc.yaml.tmpl`, same ports) instead of the module; the
 //! binary comes from `$SANDBOX_EXTPROC_BIN`, by default `target/release/sandbox-extproc`.
+//! `--mode cluster` runs the whole control plane instead (in-process API server, test kubelet,
+//! controller, sandbox-extproc as the ActivityService, Envoy with the module in Kubernetes mode)
+//! and a sandbox's scripted lifecycle, printed as it happens (see `cluster.rs`).
 
 #![forbid(unsafe_code)]
+
+mod cluster;
 
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, ValueEnum};
@@ -31,8 +36,8 @@ use tokio_tungstenite::tungstenite::Message;
 const DEMO_YAML: &str = "envoy/demo.yaml";
 /// Relative to the repo root, where the demo runs Envoy.
 const ROUTES_PATH: &str = ".demo/routes.json";
-const HOST_DOMAIN: &str = "sandbox.localhost";
-const PATH_PREFIX: &str = "/sandboxes";
+pub(crate) const HOST_DOMAIN: &str = "sandbox.localhost";
+pub(crate) const PATH_PREFIX: &str = "/sandboxes";
 const TOKEN: &str = "demo-token";
 
 /// The gateway on one machine: three local sandboxes behind Envoy 1.40 on 127.0.0.1:10000, with
@@ -44,7 +49,8 @@ struct Args {
     #[arg(long)]
     check_only: bool,
     /// `filter`: Envoy loads libsandbox_gateway.so; `extproc`: Envoy's ext_proc filter talks to
-    /// sandbox-extproc.
+    /// sandbox-extproc; `cluster`: the whole control plane (API server, kubelet, controller,
+    /// Envoy in Kubernetes mode) and a sandbox's lifecycle.
     #[arg(long, value_enum, default_value_t = Mode::Filter)]
     mode: Mode,
 }
@@ -53,6 +59,7 @@ struct Args {
 enum Mode {
     Filter,
     Extproc,
+    Cluster,
 }
 
 /// The module config baked into `envoy/demo.yaml`.
@@ -67,7 +74,7 @@ fn demo_filter_config() -> Value {
 
 fn main() -> Result<ExitCode> {
     let args = Args::parse();
-    let (check_only, extproc_mode) = (args.check_only, args.mode == Mode::Extproc);
+    let (check_only, mode) = (args.check_only, args.mode);
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -90,7 +97,11 @@ fn main() -> Result<ExitCode> {
             repo_root().join("target/release/sandbox-extproc"),
         );
     }
-    tokio::runtime::Runtime::new()?.block_on(run(check_only, extproc_mode))
+    let rt = tokio::runtime::Runtime::new()?;
+    match mode {
+        Mode::Cluster => rt.block_on(cluster::run(check_only)),
+        _ => rt.block_on(run(check_only, mode == Mode::Extproc)),
+    }
 }
 
 async fn run(check_only: bool, extproc_mode: bool) -> Result<ExitCode> {
@@ -344,7 +355,7 @@ fn ws_command(gw: SocketAddr) -> String {
     )
 }
 
-async fn wait_for_signal() -> Result<()> {
+pub(crate) async fn wait_for_signal() -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         res = tokio::signal::ctrl_c() => res?,
@@ -376,6 +387,10 @@ mod tests {
         assert_eq!(
             parse(&["sandbox-demo", "--check-only", "--mode", "extproc"]).unwrap(),
             (true, Mode::Extproc)
+        );
+        assert_eq!(
+            parse(&["sandbox-demo", "--check-only", "--mode", "cluster"]).unwrap(),
+            (true, Mode::Cluster)
         );
         assert!(parse(&["sandbox-demo", "--mode", "other"]).is_err());
         assert!(parse(&["sandbox-demo", "--mode"]).is_err());
