@@ -90,23 +90,33 @@ pub enum Bound {
     Empty,
 }
 
+/// The pool's pods in the claim cache, and the UIDs of those a claim may take, best first.
+fn warm_candidates(
+    ctx: &Context,
+    ns: &str,
+    pool: &SandboxPool,
+) -> Result<(Vec<Arc<Pod>>, Vec<String>)> {
+    let hash = template_hash(pool)?;
+    let cached = pool_pods(&ctx.pods, ns, &pool.name_any());
+    let infos: Vec<_> = cached.iter().map(|p| pod_info(p, &hash)).collect();
+    let reserved = ctx.reserved();
+    let order = ctx.with_pool(ns, &pool.name_any(), |st| {
+        candidates(&infos, &reserved, |uid| {
+            st.expectations.is_pending_delete(uid)
+        })
+        .into_iter()
+        .map(|p| p.uid.clone())
+        .collect()
+    });
+    Ok((cached, order))
+}
+
 /// Whether the cache shows a warm pod a claim could take (so an empty pool costs no writes).
 pub fn has_candidates(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) -> Result<bool> {
     let ns = sbx
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let hash = template_hash(pool)?;
-    let infos: Vec<_> = pool_pods(&ctx.pods, &ns, &pool.name_any())
-        .iter()
-        .map(|p| pod_info(p, &hash))
-        .collect();
-    let reserved = ctx.reserved();
-    Ok(ctx.with_pool(&ns, &pool.name_any(), |st| {
-        !candidates(&infos, &reserved, |uid| {
-            st.expectations.is_pending_delete(uid)
-        })
-        .is_empty()
-    }))
+    Ok(!warm_candidates(ctx, &ns, pool)?.1.is_empty())
 }
 
 /// Tries the pool's warm pods in order until one binds.
@@ -121,18 +131,7 @@ pub async fn bind_warm(
     let ns = sbx
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let hash = template_hash(pool)?;
-    let cached = pool_pods(&ctx.pods, &ns, &pool.name_any());
-    let infos: Vec<_> = cached.iter().map(|p| pod_info(p, &hash)).collect();
-    let reserved = ctx.reserved();
-    let order: Vec<String> = ctx.with_pool(&ns, &pool.name_any(), |st| {
-        candidates(&infos, &reserved, |uid| {
-            st.expectations.is_pending_delete(uid)
-        })
-        .into_iter()
-        .map(|p| p.uid.clone())
-        .collect()
-    });
+    let (cached, order) = warm_candidates(ctx, &ns, pool)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for uid in order {
         if !ctx.reserve(&uid) {
