@@ -144,25 +144,75 @@ async fn make_pool(kc: &kube::Client, name: &str, replicas: usize) -> Result<()>
     Ok(())
 }
 
+/// One watch on every Sandbox, shared by all claims of a run: a claim registers before it
+/// creates its Sandbox and is told when the watch first sees it Ready. (A watch per claim made
+/// the in-process API server filter every event once per waiting claim, which measured the
+/// bench's own watches, not the controller.)
+#[derive(Clone)]
+struct ReadyWatch {
+    waiters: Arc<std::sync::Mutex<HashMap<String, tokio::sync::oneshot::Sender<Sandbox>>>>,
+    task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl ReadyWatch {
+    fn start(kc: &kube::Client) -> ReadyWatch {
+        let waiters: Arc<std::sync::Mutex<HashMap<String, tokio::sync::oneshot::Sender<Sandbox>>>> =
+            Arc::default();
+        let w = waiters.clone();
+        let api = Api::<Sandbox>::namespaced(kc.clone(), NS);
+        let task = tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default())
+                .applied_objects()
+                .boxed();
+            while let Some(ev) = events.next().await {
+                let Ok(s) = ev else { continue };
+                if s.status.as_ref().is_some_and(|st| st.phase == Phase::Ready) {
+                    let name = s.metadata.name.clone().unwrap_or_default();
+                    let tx = w.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                    if let Some(tx) = tx {
+                        let _ = tx.send(s);
+                    }
+                }
+            }
+        });
+        ReadyWatch {
+            waiters,
+            task: Arc::new(task),
+        }
+    }
+}
+
+impl Drop for ReadyWatch {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.task) == 1 {
+            self.task.abort();
+        }
+    }
+}
+
 /// Creates a Sandbox and waits for Ready; returns it and the seconds it took.
-async fn claim(kc: &kube::Client, pool: &str, name: &str) -> Result<(Sandbox, f64)> {
+async fn claim(
+    kc: &kube::Client,
+    rw: &ReadyWatch,
+    pool: &str,
+    name: &str,
+) -> Result<(Sandbox, f64)> {
     let api = Api::<Sandbox>::namespaced(kc.clone(), NS);
     let sbx: Sandbox = serde_json::from_value(json!({
         "apiVersion": "sandboxgateway.io/v1alpha1", "kind": "Sandbox",
         "metadata": { "name": name, "namespace": NS }, "spec": { "poolRef": pool }
     }))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rw.waiters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), tx);
     let t0 = Instant::now();
     api.create(&PostParams::default(), &sbx).await?;
-    let ready = tokio::time::timeout(
-        Duration::from_secs(120),
-        await_condition(api, name, |s: Option<&Sandbox>| {
-            s.and_then(|s| s.status.as_ref())
-                .is_some_and(|st| st.phase == Phase::Ready)
-        }),
-    )
-    .await
-    .context("claim never Ready")??
-    .context("deleted")?;
+    let ready = tokio::time::timeout(Duration::from_secs(120), rx)
+        .await
+        .context("claim never Ready")?
+        .context("the watch ended")?;
     Ok((ready, t0.elapsed().as_secs_f64()))
 }
 
@@ -181,9 +231,14 @@ async fn token(kc: &kube::Client, sbx: &Sandbox) -> Result<String> {
 }
 
 /// Claim → Ready → first 200 through Envoy; seconds.
-async fn claim_to_200(kc: &kube::Client, gw: std::net::SocketAddr, name: &str) -> Result<f64> {
+async fn claim_to_200(
+    kc: &kube::Client,
+    rw: &ReadyWatch,
+    gw: std::net::SocketAddr,
+    name: &str,
+) -> Result<f64> {
     let t0 = Instant::now();
-    let (sbx, _) = claim(kc, "warm", name).await?;
+    let (sbx, _) = claim(kc, rw, "warm", name).await?;
     let id = sbx
         .status
         .as_ref()
@@ -236,26 +291,27 @@ async fn bench_envoy(args: &Args, out: &mut String) -> Result<()> {
     let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&cfg, 0, 0)?))?;
     let gw = envoy.listener;
     make_pool(&s.kc, "warm", 25).await?;
+    let rw = ReadyWatch::start(&s.kc);
 
     // Writes per warm claim.
     let res = ["secrets", "pods", "sandboxes"];
     let before: Vec<_> = res.iter().map(|r| s.api.write_counts_for(r)).collect();
-    claim_to_200(&s.kc, gw, "writes-0").await?;
+    claim_to_200(&s.kc, &rw, gw, "writes-0").await?;
     let after: Vec<_> = res.iter().map(|r| s.api.write_counts_for(r)).collect();
     let d = |i: usize| after[i].total() - before[i].total();
     let sbx_created = after[2].creates - before[2].creates;
 
     let mut seq = Vec::new();
     for i in 0..args.sequential {
-        seq.push(claim_to_200(&s.kc, gw, &format!("seq-{i}")).await? * 1000.0);
+        seq.push(claim_to_200(&s.kc, &rw, gw, &format!("seq-{i}")).await? * 1000.0);
     }
     let mut par = Vec::new();
     for r in 0..args.parallel_rounds {
         // Let the pool refill between rounds (20 claims from 25 warm).
         make_pool_refilled(&s.kc, "warm", 25).await?;
         let all = join_all((0..20).map(|i| {
-            let kc = s.kc.clone();
-            async move { claim_to_200(&kc, gw, &format!("par-{r}-{i}")).await }
+            let (kc, rw) = (s.kc.clone(), rw.clone());
+            async move { claim_to_200(&kc, &rw, gw, &format!("par-{r}-{i}")).await }
         }))
         .await;
         for t in all {
@@ -332,13 +388,14 @@ async fn bench_burst(args: &Args, out: &mut String) -> Result<()> {
     let n = args.burst;
     let s = stack(2000.0, n).await?;
     make_pool(&s.kc, "burst", n).await?;
+    let rw = ReadyWatch::start(&s.kc);
     let creates0 = s.api.write_counts_for("pods").creates;
     let (max, stop) = watch_unclaimed(&s.kc, "burst");
     let t0 = Instant::now();
     let all = join_all((0..n).map(|i| {
-        let kc = s.kc.clone();
+        let (kc, rw) = (s.kc.clone(), rw.clone());
         async move {
-            claim(&kc, "burst", &format!("b-{i}"))
+            claim(&kc, &rw, "burst", &format!("b-{i}"))
                 .await
                 .map(|(_, t)| t * 1000.0)
         }
@@ -368,6 +425,7 @@ async fn bench_sustained(args: &Args, out: &mut String) -> Result<()> {
     let replicas = 200usize;
     let s = stack(1000.0, 200).await?;
     make_pool(&s.kc, "steady", replicas).await?;
+    let rw = ReadyWatch::start(&s.kc);
     let (max, stop) = watch_unclaimed(&s.kc, "steady");
     let creates0 = s.api.write_counts_for("pods").creates;
     let gap = Duration::from_secs_f64(60.0 / args.rate as f64);
@@ -376,10 +434,10 @@ async fn bench_sustained(args: &Args, out: &mut String) -> Result<()> {
     let mut i = 0;
     let mut next = Instant::now();
     while Instant::now() < end {
-        let kc = s.kc.clone();
+        let (kc, rw) = (s.kc.clone(), rw.clone());
         let name = format!("s-{i}");
         tasks.push(tokio::spawn(async move {
-            let r = claim(&kc, "steady", &name).await;
+            let r = claim(&kc, &rw, "steady", &name).await;
             let _ = Api::<Sandbox>::namespaced(kc, NS)
                 .delete(&name, &DeleteParams::default())
                 .await;
@@ -534,7 +592,10 @@ async fn bench_idle(args: &Args, out: &mut String) -> Result<()> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
         .try_init();
     let mut out = String::from("# Controller benchmark\n\n");
     writeln!(

@@ -95,6 +95,8 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
         (p, st.budget.ms_until_next())
     });
 
+    tracing::debug!(pool = %name, create = p.create, delete = p.delete.len(), warm = p.counts.warm,
+        starting = p.counts.starting, claimed = p.counts.claimed, budget_wait, "pool plan");
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let deadline = now + u64::try_from(ctx.cfg.expectation_timeout.as_millis()).unwrap_or(0);
     let mut created = 0usize;

@@ -165,8 +165,8 @@ async fn extproc_restart_gets_snapshots_back() -> Result<()> {
     Ok(())
 }
 
-/// A WebSocket with traffic keeps its sandbox active past the report interval; a silent one
-/// does not advance after its upgrade.
+/// A WebSocket with traffic keeps its sandbox active past the report interval, and so does a
+/// silent one while it is open (a connected client is in use); once closed it stops advancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_traffic_advances_last_active() -> Result<()> {
     let sb = SandboxServer::start("ws", "127.0.0.1:0".parse()?).await?;
@@ -204,15 +204,28 @@ async fn websocket_traffic_advances_last_active() -> Result<()> {
     })
     .await?;
     ensure!(la["busy"] <= traffic_end + 1000, "{la:?}");
-    let q = *la.get("quiet").context("quiet's upgrade was reported")?;
-    // Quiet was marked at its upgrade only (plus clock granularity), never since.
-    ensure!(
-        q <= quiet_opened + 100,
-        "quiet advanced: {q} vs opened {quiet_opened}"
-    );
+    // Quiet sent nothing, but its stream is open: a connected client is activity at every
+    // report, so the control plane never takes its sandbox for idle.
+    let la = wait_last_active(&ext, "quiet advanced while open", |la| {
+        la.get("quiet")
+            .is_some_and(|&t| t >= quiet_opened + span.as_millis() as u64 / 2)
+    })
+    .await?;
+    ensure!(la["quiet"] <= now_ms() + 1000, "{la:?}");
     // Both sockets still open: quiet was idle, not closed.
     quiet.send(Message::text("still here")).await?;
     ensure!(quiet.next().await.context("quiet closed")??.to_text()? == "still here");
+    // Closed, it stops advancing (one report may still carry the last open instant).
+    quiet.close(None).await?;
+    drop(quiet);
+    tokio::time::sleep(Duration::from_millis(4 * REPORT_MS)).await;
+    let before = ext.last_active().await?["quiet"];
+    tokio::time::sleep(Duration::from_millis(6 * REPORT_MS)).await;
+    let after = ext.last_active().await?["quiet"];
+    ensure!(
+        after == before,
+        "quiet still advancing after close: {before} -> {after}"
+    );
     Ok(())
 }
 
