@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::context::Context;
 use crate::crd::{Launch, Phase, Sandbox, SandboxPool, SandboxStatus};
 use crate::decide::claim::candidates;
-use crate::error::{is_conflict, is_not_found, Error, Result};
+use crate::error::{is_conflict, is_not_found, namespace_of, Error, Result};
 use crate::pods::{claim_patch, cold_pod, pod_info, template_hash};
 use crate::pool::pool_pods;
 use crate::spec::SandboxSettings;
@@ -37,9 +37,7 @@ pub fn secret_name(sbx: &Sandbox) -> String {
 
 /// Creates the sandbox's token Secret (owned by the Sandbox), or reads the existing one.
 pub async fn ensure_token(ctx: &Context, sbx: &Sandbox) -> Result<String> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = secret_name(sbx);
     let token = crate::ids::new_token()?;
@@ -113,9 +111,7 @@ fn warm_candidates(
 
 /// Whether the cache shows a warm pod a claim could take (so an empty pool costs no writes).
 pub fn has_candidates(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) -> Result<bool> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     Ok(!warm_candidates(ctx, &ns, pool)?.1.is_empty())
 }
 
@@ -128,9 +124,7 @@ pub async fn bind_warm(
     id: &str,
     token_sha: Option<&str>,
 ) -> Result<Bound> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let (cached, order) = warm_candidates(ctx, &ns, pool)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for uid in order {
@@ -182,9 +176,7 @@ pub async fn bind_cold(
     id: &str,
     token_sha: Option<&str>,
 ) -> Result<Bound> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod = cold_pod(
         pool,
@@ -215,9 +207,7 @@ pub async fn record(
     pod: &Pod,
     status: SandboxStatus,
 ) -> Result<bool> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let mut rv = sbx.resource_version();
     for _ in 0..5 {

@@ -65,3 +65,9 @@ pub fn is_not_found(e: &kube::Error) -> bool {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The namespace of a namespaced object (every Sandbox, pool and pod has one).
+pub fn namespace_of<K: kube::ResourceExt>(obj: &K) -> Result<String> {
+    obj.namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))
+}

@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::context::{now_ms, Context, Replicas};
 use crate::crd::{Phase, ReleaseReason, Sandbox};
 use crate::decide::idle::{judge, merge, should_store, Answer, Clock, Reply, Sight, Verdict};
-use crate::error::{is_conflict, Error, Result};
+use crate::error::{is_conflict, namespace_of, Result};
 use crate::spec::{PoolSettings, SandboxSettings};
 
 fn ms(t: &Time) -> u64 {
@@ -229,9 +229,7 @@ pub async fn pass(ctx: &Context, replicas: &Replicas) -> Result<usize> {
 }
 
 async fn store_last_active(ctx: &Context, sbx: &Sandbox, at_ms: u64) -> Result<()> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let t = jiff::Timestamp::from_millisecond(i64::try_from(at_ms).unwrap_or(i64::MAX))
         .unwrap_or_else(|_| jiff::Timestamp::now());
@@ -254,9 +252,7 @@ async fn recheck_and_mark(
     cached: &Sandbox,
     id: &str,
 ) -> Result<bool> {
-    let ns = cached
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(cached)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let fresh = api.get(&cached.name_any()).await?;
     let same = fresh

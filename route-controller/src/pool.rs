@@ -16,7 +16,7 @@ use crate::conditions::{clear_condition, set_condition};
 use crate::context::{now_ms, Context};
 use crate::crd::{SandboxPool, SandboxPoolStatus, POOL_LABEL};
 use crate::decide::pool::{plan, PodInfo};
-use crate::error::{is_conflict, is_not_found, Error, Result};
+use crate::error::{is_conflict, is_not_found, namespace_of, Error, Result};
 use crate::pods::{pod_info, template_hash, warm_pod};
 use crate::spec::PoolSettings;
 
@@ -30,9 +30,7 @@ pub fn pool_pods(pods: &Store<Pod>, ns: &str, pool: &str) -> Vec<Arc<Pod>> {
 
 /// Reconciles one pool.
 pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = pool
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(&*pool)?;
     let name = pool.name_any();
     if pool.metadata.deletion_timestamp.is_some() {
         // Its warm pods go with it (owner references); its sandboxes see it missing.

@@ -10,15 +10,13 @@ use serde_json::json;
 
 use crate::context::Context;
 use crate::crd::{Phase, ReleaseReason, Sandbox, FINALIZER};
-use crate::error::{is_conflict, is_not_found, Error, Result};
+use crate::error::{is_conflict, is_not_found, namespace_of, Error, Result};
 use crate::pods::sandbox_owner;
 
 /// Deletes the sandbox's pod if it is still its own. Retries a 409 (the pod changed between our
 /// read and the delete) with a fresh read; a pod that is gone is fine.
 pub async fn delete_route(ctx: &Context, sbx: &Sandbox) -> Result<()> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let uid = sbx.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     // The pod named in the status, and any other pod this sandbox owns (a claim interrupted
@@ -84,9 +82,7 @@ pub async fn delete_route(ctx: &Context, sbx: &Sandbox) -> Result<()> {
 /// Releases a sandbox for `reason`: route first, then the status says Released.
 pub async fn release(ctx: &Context, sbx: &Sandbox, reason: ReleaseReason) -> Result<()> {
     delete_route(ctx, sbx).await?;
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let from = sbx.status.as_ref().map(|s| s.phase).unwrap_or_default();
     if let Some(id) = sbx.status.as_ref().and_then(|s| s.sandbox_id.as_deref()) {
@@ -134,9 +130,7 @@ pub async fn release(ctx: &Context, sbx: &Sandbox, reason: ReleaseReason) -> Res
 
 /// Removes the controller's finalizer (after the route is gone), so the deletion completes.
 pub async fn drop_finalizer(ctx: &Context, sbx: &Sandbox) -> Result<()> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let rest: Vec<&String> = sbx
         .finalizers()

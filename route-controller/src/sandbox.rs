@@ -18,7 +18,7 @@ use crate::claim::{
 use crate::conditions::{clear_condition, set_condition};
 use crate::context::{now_ms, Context};
 use crate::crd::{Launch, OnEmpty, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER};
-use crate::error::{is_not_found, Error, Result};
+use crate::error::{is_not_found, namespace_of, Error, Result};
 use crate::pods::{ready_since_ms, sandbox_owner};
 use crate::release::{drop_finalizer, release};
 use crate::spec::{PoolSettings, SandboxSettings};
@@ -32,9 +32,7 @@ pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.leader.is_leader() {
         return Ok(Action::await_change()); // a standby only keeps its caches warm
     }
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(&*sbx)?;
     if sbx.metadata.deletion_timestamp.is_some() {
         if sbx.finalizers().iter().any(|f| f == FINALIZER) {
             ctx.leader.check()?;
@@ -112,9 +110,7 @@ async fn hold(
     }
     st.phase = phase;
     ctx.event(sbx, true, reason, "Claim", msg);
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     ctx.leader.check()?;
     api.patch_status(
@@ -127,9 +123,7 @@ async fn hold(
 }
 
 async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let pool_name = sbx.spec.pool_ref.clone();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         let msg = format!("SandboxPool {ns}/{pool_name} does not exist");
@@ -285,9 +279,7 @@ fn next_check(settings: &SandboxSettings, st: &crate::crd::SandboxStatus) -> Act
 
 /// A bound sandbox: turn Ready with its pod, expire, or release when the pod or pool is gone.
 async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
-    let ns = sbx
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let ns = namespace_of(sbx)?;
     let mut st = sbx.status.clone().unwrap_or_default();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
