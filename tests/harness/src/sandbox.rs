@@ -9,12 +9,20 @@
 //!   frameworks behind a prefix-stripping proxy do: `302` to `<x-forwarded-prefix>/p`;
 //! * `/host-pinned` — a server that pins its Host, as DNS-rebinding protection does: `421`
 //!   unless the Host is `localhost:<its own port>`, else the JSON description below;
+//! * `PUT /files?path=/mnt/p` (body: the file's bytes) and `GET /files?path=/mnt/p` — a file in
+//!   one of the server's mounted volumes (the directory of the mount whose path is the longest
+//!   prefix of `p`): `201` once written, `200` with the bytes, `404` for a missing file or no
+//!   mount, `400` for a relative path or one with `..`. The test kubelet mounts a pod's
+//!   PersistentVolumeClaims here, so a file outlives the pod that wrote it;
+//! * gRPC over h2c (`content-type: application/grpc…`) — the Echo service of [`crate::grpc`],
+//!   answering with the server's name, so one port serves HTTP, WebSocket, SSE and gRPC;
 //! * anything else — a JSON description of the request, so tests can check
 //!   what the gateway forwarded (method, path, headers, body length).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +35,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
@@ -37,8 +46,14 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
-/// Fixed and small bodies stay unboxed so `/bench` never allocates for its body.
-type Body = Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Fixed and small bodies stay unboxed so `/bench` never allocates for its body. Streamed ones
+/// (SSE, gRPC) are boxed; only gRPC's can fail, but one type keeps the handler simple.
+type Body = Either<Full<Bytes>, UnsyncBoxBody<Bytes, BoxError>>;
+
+/// A mount table: `(mount path, directory)` pairs, e.g. `("/data", "/tmp/vols/ns/claim")`.
+pub type Mounts = Vec<(String, PathBuf)>;
 
 const BENCH_BODY: Bytes = Bytes::from_static(b"ok");
 
@@ -60,25 +75,40 @@ struct State {
     port: u16,
     /// JSON string literal of the name, escaped once instead of per SSE event.
     name_json: String,
+    /// What `/files` reads and writes.
+    mounts: Mounts,
+    /// The Echo gRPC service (it waits for the router to be ready before each call).
+    grpc: TowerToHyperService<tonic::service::Routes>,
 }
 
 impl SandboxServer {
     /// Binds `bind` (port 0 picks a free port) and serves in the background on
     /// the current tokio runtime.
     pub async fn start(name: &str, bind: SocketAddr) -> anyhow::Result<SandboxServer> {
-        Self::start_with(name, bind, false).await
+        Self::start_with(name, bind, false, Mounts::new()).await
+    }
+
+    /// Like [`SandboxServer::start`], with volumes mounted for `/files`: each `(mount path,
+    /// directory)` pair makes the directory's files visible under the mount path.
+    pub async fn start_with_mounts(
+        name: &str,
+        bind: SocketAddr,
+        mounts: Mounts,
+    ) -> anyhow::Result<SandboxServer> {
+        Self::start_with(name, bind, false, mounts).await
     }
 
     /// Like [`SandboxServer::start`], but the server speaks only HTTP/1.1 (an HTTP/2 preface is
     /// a protocol error), as many sandbox servers do.
     pub async fn start_http1_only(name: &str, bind: SocketAddr) -> anyhow::Result<SandboxServer> {
-        Self::start_with(name, bind, true).await
+        Self::start_with(name, bind, true, Mounts::new()).await
     }
 
     async fn start_with(
         name: &str,
         bind: SocketAddr,
         http1_only: bool,
+        mounts: Mounts,
     ) -> anyhow::Result<SandboxServer> {
         let socket = if bind.is_ipv4() {
             TcpSocket::new_v4()?
@@ -89,7 +119,7 @@ impl SandboxServer {
         socket.set_reuseaddr(true)?;
         socket.bind(bind)?;
         let listener = socket.listen(LISTEN_BACKLOG)?;
-        Self::serve(name, listener, http1_only)
+        Self::serve(name, listener, http1_only, mounts)
     }
 
     /// Like [`SandboxServer::start`], but listening inside the network namespace at `netns`
@@ -98,7 +128,17 @@ impl SandboxServer {
     pub async fn start_in_netns(
         name: &str,
         bind: SocketAddr,
-        netns: &std::path::Path,
+        netns: &Path,
+    ) -> anyhow::Result<SandboxServer> {
+        Self::start_in_netns_with_mounts(name, bind, netns, Mounts::new()).await
+    }
+
+    /// [`SandboxServer::start_in_netns`] with volumes, as [`SandboxServer::start_with_mounts`].
+    pub async fn start_in_netns_with_mounts(
+        name: &str,
+        bind: SocketAddr,
+        netns: &Path,
+        mounts: Mounts,
     ) -> anyhow::Result<SandboxServer> {
         let netns = netns.to_path_buf();
         let std_listener = std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
@@ -114,10 +154,15 @@ impl SandboxServer {
         .join()
         .map_err(|_| anyhow::anyhow!("the netns thread panicked"))??;
         let listener = TcpListener::from_std(std_listener)?;
-        Self::serve(name, listener, false)
+        Self::serve(name, listener, false, mounts)
     }
 
-    fn serve(name: &str, listener: TcpListener, http1_only: bool) -> anyhow::Result<SandboxServer> {
+    fn serve(
+        name: &str,
+        listener: TcpListener,
+        http1_only: bool,
+        mounts: Mounts,
+    ) -> anyhow::Result<SandboxServer> {
         let addr = listener.local_addr()?;
 
         let name_json = serde_json::to_string(name)?;
@@ -125,6 +170,8 @@ impl SandboxServer {
             name: name.to_owned(),
             port: addr.port(),
             name_json,
+            mounts,
+            grpc: TowerToHyperService::new(crate::grpc::echo_routes(name)),
         });
         let (stop, stopped) = watch::channel(());
         let accept_task = tokio::spawn(accept_loop(listener, state, stopped, http1_only));
@@ -217,6 +264,10 @@ async fn handle(
     if req.uri().path() == "/bench" {
         return Ok(Response::new(Either::Left(Full::new(BENCH_BODY))));
     }
+    // gRPC needs HTTP/2 (trailers); over HTTP/1.1 such a request gets the JSON echo as before.
+    if req.version() == Version::HTTP_2 && is_grpc(&req) {
+        return Ok(grpc(&state, req).await);
+    }
     // h2 has no Upgrade mechanism (RFC 8441 CONNECT is not needed here).
     if req.version() == Version::HTTP_11 && wants_websocket(&req) {
         return Ok(websocket_upgrade(state, stopped, req));
@@ -227,6 +278,15 @@ async fn handle(
     if req.uri().path() == "/redirect" && req.method() == hyper::Method::GET {
         return Ok(redirect(&req));
     }
+    if req.uri().path() == "/files" {
+        if req.method() == hyper::Method::PUT {
+            let (parts, body) = req.into_parts();
+            return Ok(put_file(&state, parts.uri.query().unwrap_or(""), body).await);
+        }
+        if req.method() == hyper::Method::GET {
+            return Ok(get_file(&state, req.uri().query().unwrap_or("")).await);
+        }
+    }
     if req.uri().path() == "/host-pinned" && !host_is_pinned(&state, &req) {
         return Ok(plain(
             StatusCode::MISDIRECTED_REQUEST,
@@ -234,6 +294,135 @@ async fn handle(
         ));
     }
     Ok(echo(&state, req).await)
+}
+
+/// gRPC by the gateway's own rule, so gRPC-Web stays plain HTTP (the JSON echo) here too.
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| routing::reply::is_grpc_content_type(ct.as_bytes()))
+}
+
+/// Hands the request to the Echo service and boxes its reply body into ours.
+async fn grpc(state: &State, req: Request<Incoming>) -> Response<Body> {
+    use hyper::service::Service;
+    match state.grpc.call(req).await {
+        Ok(resp) => resp.map(|body| Either::Right(body.map_err(BoxError::from).boxed_unsync())),
+        Err(never) => match never {},
+    }
+}
+
+/// Where `/files?path=P` lives: the file under the mount whose path is the longest prefix of
+/// `P` (component-wise, so `/data` does not cover `/database`). A refusal is the reply's status
+/// and text (not a whole response, which would make every `Result` here large).
+fn resolve_file(state: &State, query: &str) -> Result<PathBuf, (StatusCode, String)> {
+    let Some(raw) = query_param(query, "path") else {
+        return Err((StatusCode::BAD_REQUEST, "no path= in the query".into()));
+    };
+    let Some(path) = percent_decode(raw) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "path is not valid percent-encoded UTF-8".into(),
+        ));
+    };
+    let path = Path::new(&path);
+    // `..` could climb out of the volume; a relative path has no mount to be under; a NUL is
+    // no file name at all.
+    let clean = path.is_absolute()
+        && !path.as_os_str().as_encoded_bytes().contains(&0)
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !clean {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "path must be absolute, without `..` or NUL".into(),
+        ));
+    }
+    let mount = state
+        .mounts
+        .iter()
+        .filter_map(|(at, dir)| Some((path.strip_prefix(at).ok()?, at, dir)))
+        .max_by_key(|(_, at, _)| Path::new(at).components().count());
+    let Some((rest, _, dir)) = mount else {
+        let msg = format!("no volume mounted at {}", path.display());
+        return Err((StatusCode::NOT_FOUND, msg));
+    };
+    if rest.as_os_str().is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "path names a mount, not a file".into(),
+        ));
+    }
+    Ok(dir.join(rest))
+}
+
+async fn put_file(state: &State, query: &str, body: Incoming) -> Response<Body> {
+    let file = match resolve_file(state, query) {
+        Ok(file) => file,
+        Err((status, msg)) => return response(status, "text/plain", full(msg)),
+    };
+    let bytes = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) => {
+            debug!(%err, "reading request body failed");
+            return plain(StatusCode::BAD_REQUEST, "bad request body");
+        }
+    };
+    // Like writing into a mounted volume: directories on the way are made as needed.
+    if let Some(parent) = file.parent() {
+        if let Err(err) = tokio::fs::create_dir_all(parent).await {
+            warn!(%err, dir = %parent.display(), "making the file's directory failed");
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not make the directory",
+            );
+        }
+    }
+    match tokio::fs::write(&file, &bytes).await {
+        Ok(()) => plain(StatusCode::CREATED, "written"),
+        Err(err) => {
+            warn!(%err, file = %file.display(), "writing the file failed");
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not write the file",
+            )
+        }
+    }
+}
+
+async fn get_file(state: &State, query: &str) -> Response<Body> {
+    let file = match resolve_file(state, query) {
+        Ok(file) => file,
+        Err((status, msg)) => return response(status, "text/plain", full(msg)),
+    };
+    match tokio::fs::read(&file).await {
+        Ok(bytes) => response(StatusCode::OK, "application/octet-stream", full(bytes)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            plain(StatusCode::NOT_FOUND, "no such file")
+        }
+        Err(err) => {
+            warn!(%err, file = %file.display(), "reading the file failed");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "could not read the file")
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (and nothing else: `+` stays `+`); `None` for a bad escape or bytes
+/// that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let digit = |d: u8| char::from(d).to_digit(16);
+            let (hi, lo) = (digit(bytes.next()?)?, digit(bytes.next()?)?);
+            out.push((hi * 16 + lo) as u8);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `302` to `to` (default `/landing`) under the prefix the proxy says it removed.
@@ -351,12 +540,16 @@ where
     }
 }
 
-fn query_u64(query: &str, key: &str) -> Option<u64> {
+fn query_param<'q>(query: &'q str, key: &str) -> Option<&'q str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
+}
+
+fn query_u64(query: &str, key: &str) -> Option<u64> {
+    query_param(query, key).and_then(|v| v.parse().ok())
 }
 
 fn sse(state: &State, query: &str) -> Response<Body> {
@@ -568,6 +761,172 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&reply).unwrap();
         assert_eq!(json["sandbox"], "sb-test");
         ws.close(None).await.unwrap();
+    }
+
+    async fn start_mounted(name: &str, mounts: &[(&str, &Path)]) -> SandboxServer {
+        let mounts = mounts
+            .iter()
+            .map(|(at, dir)| (at.to_string(), dir.to_path_buf()))
+            .collect();
+        SandboxServer::start_with_mounts(name, ([127, 0, 0, 1], 0).into(), mounts)
+            .await
+            .unwrap()
+    }
+
+    fn put(path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+        Request::put(path)
+            .header("host", "sandbox")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn files_are_written_into_the_mount_and_survive_a_restart() {
+        let vol = tempfile::tempdir().unwrap();
+        let server = start_mounted("sb-one", &[("/data", vol.path())]).await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, put("/files?path=/data/notes.txt", b"hello")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        // Directories on the way are made, as in a real volume.
+        let resp = send(&mut conn, put("/files?path=/data/a/b/deep.txt", b"deep")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let resp = send(&mut conn, get("/files?path=/data/notes.txt")).await;
+        assert_eq!(
+            (resp.status(), resp.body().as_ref()),
+            (StatusCode::OK, &b"hello"[..])
+        );
+        assert_eq!(
+            std::fs::read(vol.path().join("notes.txt")).unwrap(),
+            b"hello"
+        );
+        let resp = send(&mut conn, get("/files?path=/data/missing.txt")).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        server.shutdown().await;
+
+        // Another server (the next pod) with the same volume sees what the first one wrote.
+        let server = start_mounted("sb-two", &[("/data", vol.path())]).await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, get("/files?path=/data/notes.txt")).await;
+        assert_eq!(
+            (resp.status(), resp.body().as_ref()),
+            (StatusCode::OK, &b"hello"[..])
+        );
+        // Percent-encoded paths are decoded.
+        let resp = send(&mut conn, get("/files?path=%2Fdata%2Fa/b/deep.txt")).await;
+        assert_eq!(
+            (resp.status(), resp.body().as_ref()),
+            (StatusCode::OK, &b"deep"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn files_go_to_the_longest_matching_mount() {
+        let (data, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let server = start_mounted(
+            "sb-test",
+            &[("/data", data.path()), ("/data/cache/", cache.path())],
+        )
+        .await;
+        let mut conn = connect(server.addr).await;
+        let resp = send(&mut conn, put("/files?path=/data/cache/x", b"c")).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(std::fs::read(cache.path().join("x")).unwrap(), b"c");
+        assert!(!data.path().join("cache").exists());
+        // Prefixes match whole components: /database is not under /data.
+        let resp = send(&mut conn, put("/files?path=/database/x", b"d")).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.body().as_ref(), b"no volume mounted at /database/x");
+    }
+
+    #[tokio::test]
+    async fn bad_file_paths_are_rejected() {
+        let vol = tempfile::tempdir().unwrap();
+        let server = start_mounted("sb-test", &[("/data", vol.path())]).await;
+        let mut conn = connect(server.addr).await;
+        for bad in [
+            "/files?path=data/x",
+            "/files?path=/data/../x",
+            "/files?path=/data/%2E%2E/x",
+            "/files?path=/data/x%00y",
+            "/files?path=/data/%zz",
+            "/files?path=/data",
+            "/files",
+        ] {
+            let resp = send(&mut conn, put(bad, b"x")).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "PUT {bad}");
+            let resp = send(&mut conn, get(bad)).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "GET {bad}");
+        }
+        assert_eq!(std::fs::read_dir(vol.path()).unwrap().count(), 0);
+        // Without mounts nothing is stored; other methods on /files still get the echo.
+        let plain = start().await;
+        let mut conn = connect(plain.addr).await;
+        let resp = send(&mut conn, put("/files?path=/data/x", b"x")).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.body().as_ref(), b"no volume mounted at /data/x");
+        let req = Request::post("/files?path=/data/x")
+            .header("host", "sandbox")
+            .body(Full::default())
+            .unwrap();
+        let resp = send(&mut conn, req).await;
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[tokio::test]
+    async fn grpc_and_http_share_the_port() {
+        let server = start().await;
+        let mut grpc = crate::grpc::client(server.addr, "sb-test").await.unwrap();
+        let reply = grpc
+            .unary(crate::grpc::UnaryRequest {
+                message: "hi".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (reply.message.as_str(), reply.sandbox.as_str()),
+            ("hi", "sb-test")
+        );
+        let call = crate::grpc::StreamCall {
+            count: 3,
+            fail_code: 0,
+            fail_message: String::new(),
+        };
+        let mut replies = grpc.stream(call).await.unwrap().into_inner();
+        let mut n = 0;
+        while let Some(reply) = replies.next().await {
+            assert_eq!(reply.unwrap().index, n);
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        let refused = grpc
+            .unary(crate::grpc::UnaryRequest {
+                message: "fail".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+        // Plain HTTP/1.1, and h2 that is not gRPC (gRPC-Web), still get the JSON echo.
+        let resp = send(&mut connect(server.addr).await, get("/after-grpc")).await;
+        let json: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(
+            (json["sandbox"].as_str(), json["path"].as_str()),
+            (Some("sb-test"), Some("/after-grpc"))
+        );
+        let io = TokioIo::new(TcpStream::connect(server.addr).await.unwrap());
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post(format!("http://{}/grpc-web", server.addr))
+            .header(header::CONTENT_TYPE, "application/grpc-web")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["version"], "HTTP/2.0");
     }
 
     #[tokio::test]
