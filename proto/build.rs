@@ -8,10 +8,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build runs whatever PROTOC names; point it at the vendored binary.
     std::env::set_var("PROTOC", protoc);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let proto = "proto/sandboxgateway/v1/activity.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    let protos = [
+        "proto/sandboxgateway/v1/activity.proto",
+        "proto/sandboxgateway/v1/wake.proto",
+    ];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("sandboxgateway_descriptor.bin"))
-        .compile_protos(&[proto], &["proto"])?;
+        .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

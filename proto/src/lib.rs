@@ -5,7 +5,8 @@
 
 #![forbid(unsafe_code)]
 
-/// `sandboxgateway.v1`: the ActivityService, its messages, client and server.
+/// `sandboxgateway.v1`: the ActivityService and the WakeService, their messages, clients and
+/// servers.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("sandboxgateway.v1");

@@ -178,7 +178,7 @@ pub async fn bind_cold(
 ) -> Result<Bound> {
     let ns = namespace_of(sbx)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod = cold_pod(
+    let mut pod = cold_pod(
         pool,
         &template_hash(pool)?,
         sbx,
@@ -186,6 +186,7 @@ pub async fn bind_cold(
         settings.port,
         token_sha,
     )?;
+    crate::pause::mount_volumes(&mut pod, sbx, pool);
     ctx.leader.check()?;
     let p = pods.create(&PostParams::default(), &pod).await?;
     Ok(Bound::Pod(Box::new(p), Launch::Cold))

@@ -49,6 +49,42 @@ pub struct Config {
     /// Pool pod creations per second, per pool, and the burst.
     pub refill_rate: f64,
     pub refill_burst: usize,
+    /// The WakeService listener and its token (`None`: no wake service).
+    pub wake: Option<WakeEndpoint>,
+}
+
+/// Where the WakeService listens: a bound listener (taken once by `run`) and the bearer token
+/// callers must present.
+#[derive(Clone)]
+pub struct WakeEndpoint {
+    listener: Arc<Mutex<Option<std::net::TcpListener>>>,
+    pub token: Option<routing::bearer::BearerToken>,
+}
+
+impl WakeEndpoint {
+    /// `listener` must be non-blocking (tokio takes it as is).
+    pub fn new(
+        listener: std::net::TcpListener,
+        token: Option<routing::bearer::BearerToken>,
+    ) -> Self {
+        WakeEndpoint {
+            listener: Arc::new(Mutex::new(Some(listener))),
+            token,
+        }
+    }
+
+    /// The listener, the first time only.
+    pub fn take_listener(&self) -> Option<std::net::TcpListener> {
+        lock(&self.listener).take()
+    }
+}
+
+impl std::fmt::Debug for WakeEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakeEndpoint")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -63,6 +99,7 @@ impl Default for Config {
             expectation_timeout: Duration::from_secs(30),
             refill_rate: 50.0,
             refill_burst: 100,
+            wake: None,
         }
     }
 }
@@ -103,6 +140,11 @@ pub struct Context {
     id_index: Mutex<Option<(std::time::Instant, HashSet<String>)>>,
     /// Each activity endpoint's eviction count at the previous idle pass.
     pub evicted_seen: Mutex<HashMap<String, u64>>,
+    /// Sandbox UIDs a wake asked for while they were still pausing: the pause ends in
+    /// `Resuming` instead of `Paused`.
+    pending_wakes: Mutex<HashSet<String>>,
+    /// When this replica accepted a wake, by Sandbox UID (the wake-latency histogram).
+    wake_started: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,6 +193,8 @@ impl Context {
             released_ids: Mutex::new(HashSet::new()),
             id_index: Mutex::new(None),
             evicted_seen: Mutex::new(HashMap::new()),
+            pending_wakes: Mutex::new(HashSet::new()),
+            wake_started: Mutex::new(HashMap::new()),
         })
     }
 
@@ -249,6 +293,30 @@ impl Context {
     /// Records an ID this process just drew, so it is never drawn again while it runs.
     pub fn note_drawn(&self, id: &str) {
         lock(&self.released_ids).insert(id.to_string());
+    }
+
+    /// A wake arrived while the sandbox was pausing: resume once the pause is done.
+    pub fn request_wake_after_pause(&self, sandbox_uid: &str) {
+        lock(&self.pending_wakes).insert(sandbox_uid.to_string());
+    }
+
+    /// Whether a wake is waiting for this sandbox's pause to end (and forgets it).
+    pub fn take_pending_wake(&self, sandbox_uid: &str) -> bool {
+        lock(&self.pending_wakes).remove(sandbox_uid)
+    }
+
+    /// Starts the wake-latency clock of a sandbox (the first wake wins).
+    pub fn note_wake_started(&self, sandbox_uid: &str) {
+        lock(&self.wake_started)
+            .entry(sandbox_uid.to_string())
+            .or_insert_with(std::time::Instant::now);
+    }
+
+    /// Stops it: the time since the wake was accepted here, if it was.
+    pub fn take_wake_started(&self, sandbox_uid: &str) -> Option<Duration> {
+        lock(&self.wake_started)
+            .remove(sandbox_uid)
+            .map(|t| t.elapsed())
     }
 
     /// Sends an Event about `obj` from a background task (never on a claim's critical path).

@@ -6,7 +6,7 @@
 //! parses and range-checks them ([`crate::spec`]) and reports a bad one as a condition rather than
 //! acting on a guess.
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -23,6 +23,22 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "sandboxgateway.io/template-hash";
 /// Annotation on a claimed pod: the name of the `Sandbox` that owns it (its owner reference
 /// carries the UID).
 pub const SANDBOX_NAME_ANNOTATION: &str = "sandboxgateway.io/sandbox";
+
+/// Label on a `Sandbox` while it is pausing or paused: its sandbox ID. Gateways that wake
+/// sandboxes watch `Sandbox` objects with this label (read-only), so they know a paused
+/// sandbox without the controller (docs/controller.md#pause-and-wake).
+pub const PAUSED_LABEL: &str = "sandboxgateway.io/paused";
+
+/// What idleness does to a sandbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum IdlePolicy {
+    /// Release it: the route, the pod, the ID and the token are gone.
+    #[default]
+    Release,
+    /// Pause it: the pod is deleted, the ID, token and per-sandbox volumes are kept, and the
+    /// next request wakes it.
+    Pause,
+}
 
 /// What a claim does when its pool has no warm pod.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -83,6 +99,15 @@ pub struct SandboxPoolSpec {
     /// How long a claim waits for a warm pod when `onEmpty` is `Wait`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_wait: Option<String>,
+    /// What idleness does to the pool's sandboxes (default `Release`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_policy: Option<IdlePolicy>,
+    /// Volumes made once per sandbox (`<sandbox>-<name>`, owned by the Sandbox) and mounted by
+    /// every pod it gets, so their files survive a pause. The template's containers mount them
+    /// by `metadata.name`. A pool with these keeps no warm pods (`replicas` must be 0): each pod
+    /// is built for its sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_claim_templates: Vec<PersistentVolumeClaim>,
 }
 
 /// What the controller last saw of a pool.
@@ -153,6 +178,13 @@ pub struct SandboxSpec {
     /// Whether every request must carry the sandbox's access token (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_token: Option<bool>,
+    /// Overrides the pool's idle policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_policy: Option<IdlePolicy>,
+    /// `true`: pause now and stay paused (traffic does not wake it); `false` or absent: run (a
+    /// paused sandbox resumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
 }
 
 /// Where a sandbox is in its life.
@@ -169,6 +201,28 @@ pub enum Phase {
     Released,
     /// It could not be given a pod (see the conditions).
     Failed,
+    /// Its route is being taken away and its pod deleted; it keeps its ID, token and volumes.
+    Pausing,
+    /// No pod; the next request (or `spec.paused: false`) resumes it.
+    Paused,
+    /// Getting a pod again (same ID, token and volumes).
+    Resuming,
+}
+
+impl Phase {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Ready => "Ready",
+            Phase::Releasing => "Releasing",
+            Phase::Released => "Released",
+            Phase::Failed => "Failed",
+            Phase::Pausing => "Pausing",
+            Phase::Paused => "Paused",
+            Phase::Resuming => "Resuming",
+        }
+    }
 }
 
 /// How a sandbox got its pod.
@@ -208,11 +262,37 @@ impl ReleaseReason {
     }
 }
 
+/// Why a sandbox is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PauseReason {
+    /// No traffic for its idle timeout (policy `Pause`): the next request wakes it.
+    Idle,
+    /// Its owner set `spec.paused: true`: it stays paused until they clear it.
+    Spec,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Idle => "Idle",
+            PauseReason::Spec => "Spec",
+        }
+    }
+}
+
+/// Annotation on a paused `Sandbox` (with [`PAUSED_LABEL`]): `Idle` (traffic wakes it) or `Spec`
+/// (it stays paused; the gateway answers 409 `sandbox_paused`).
+pub const PAUSED_BY_ANNOTATION: &str = "sandboxgateway.io/paused-by";
+
+/// Annotation a user (or `sandbox-controller resume`) sets to resume a sandbox paused for
+/// idleness without sending it traffic: any value different from the last one acted on.
+pub const RESUME_ANNOTATION: &str = "sandboxgateway.io/resume-requested";
+
 /// What the controller last did with a sandbox.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxStatus {
-    /// Pending, Ready, Releasing, Released, Failed.
+    /// Pending, Ready, Releasing, Released, Failed, Pausing, Paused, Resuming.
     #[serde(default)]
     pub phase: Phase,
     /// The gateway's route key: a DNS label, unique in the cluster, never reused.
@@ -242,6 +322,18 @@ pub struct SandboxStatus {
     /// Why it was released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_reason: Option<ReleaseReason>,
+    /// When it was last paused (its pod deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<Time>,
+    /// Why it is pausing or paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<PauseReason>,
+    /// The last `sandboxgateway.io/resume-requested` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_request: Option<String>,
+    /// When it last became Ready again after a pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<Time>,
     /// The Secret (same namespace) holding its access token under the key `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,

@@ -2,8 +2,9 @@
 //! times, merge them with what the statuses remember, and mark sandboxes idle by the rule in
 //! [`crate::decide::idle`]. A sandbox judged idle is re-checked just before it is marked: its
 //! object is read again from the API server and every replica is asked again about it alone.
-//! Marking writes `phase: Releasing, releaseReason: Idle` under the object's resourceVersion;
-//! the sandbox reconcile then takes the route away.
+//! Marking writes `phase: Releasing, releaseReason: Idle` (or, with `idlePolicy: Pause`,
+//! `phase: Pausing, pauseReason: Idle`) under the object's resourceVersion; the sandbox
+//! reconcile then takes the route away.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use sandbox_gateway_proto::v1::GetLastActiveRequest;
 use serde_json::json;
 
 use crate::context::{now_ms, Context, Replicas};
-use crate::crd::{Phase, ReleaseReason, Sandbox};
+use crate::crd::{IdlePolicy, PauseReason, Phase, ReleaseReason, Sandbox};
 use crate::decide::idle::{judge, merge, should_store, Answer, Clock, Reply, Sight, Verdict};
 use crate::error::{is_conflict, namespace_of, Result};
 use crate::spec::{PoolSettings, SandboxSettings};
@@ -165,6 +166,21 @@ async fn look(ctx: &Context, replicas: &Replicas, ids: &[String]) -> Result<Sigh
     })
 }
 
+/// What idleness does to `sbx` (its override, else its pool's; `Release` if unresolvable).
+fn idle_policy(ctx: &Context, sbx: &Sandbox) -> IdlePolicy {
+    let Some(ns) = sbx.namespace() else {
+        return IdlePolicy::Release;
+    };
+    ctx.pools
+        .get(&ObjectRef::new(&sbx.spec.pool_ref).within(&ns))
+        .and_then(|pool| {
+            PoolSettings::resolve(&pool.spec)
+                .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p))
+                .ok()
+        })
+        .map_or(IdlePolicy::Release, |s| s.idle_policy)
+}
+
 fn clock(ctx: &Context, sbx: &Sandbox) -> Option<Clock> {
     let st = sbx.status.as_ref()?;
     let ns = sbx.namespace()?;
@@ -274,9 +290,14 @@ async fn recheck_and_mark(
         return Ok(false);
     };
     ctx.leader.check()?;
+    let status = if idle_policy(ctx, &fresh) == IdlePolicy::Pause {
+        json!({ "phase": Phase::Pausing, "pauseReason": PauseReason::Idle })
+    } else {
+        json!({ "phase": Phase::Releasing, "releaseReason": ReleaseReason::Idle })
+    };
     let patch = json!({
         "metadata": { "resourceVersion": fresh.resource_version() },
-        "status": { "phase": Phase::Releasing, "releaseReason": ReleaseReason::Idle },
+        "status": status,
     });
     match api
         .patch_status(
@@ -288,7 +309,7 @@ async fn recheck_and_mark(
     {
         Ok(_) => {
             tracing::info!(sandbox = %id, name = %fresh.name_any(), last_active_ms,
-                "idle: releasing");
+                policy = ?idle_policy(ctx, &fresh), "idle");
             Ok(true)
         }
         // Changed since the re-read (a status write, a deletion): judged again next pass.

@@ -18,12 +18,14 @@ pub mod idle;
 pub mod ids;
 pub mod leader;
 pub mod metrics;
+pub mod pause;
 pub mod pods;
 pub mod pool;
 pub mod release;
 pub mod run;
 pub mod sandbox;
 pub mod spec;
+pub mod wake;
 
 use kube::CustomResourceExt;
 

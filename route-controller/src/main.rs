@@ -1,4 +1,5 @@
-//! `sandbox-controller`: `run` the controller, print the `crd`s, `claim` and `release` sandboxes.
+//! `sandbox-controller`: `run` the controller, print the `crd`s, `claim`, `release`, `pause` and
+//! `resume` sandboxes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,13 +26,18 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the controller (kubeconfig or in-cluster credentials, as kubectl finds them).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions (YAML) to stdout.
     Crd,
     /// Create a Sandbox from a pool, wait until it is Ready, print its ID, URL and token.
     Claim(cli::ClaimArgs),
     /// Release a sandbox: delete the Sandbox whose ID (or name) is given.
     Release(cli::ReleaseArgs),
+    /// Pause a sandbox (`spec.paused: true`): no pod, ID, token and volumes kept; traffic does
+    /// not wake it until `resume`.
+    Pause(cli::PauseArgs),
+    /// Resume a paused sandbox (explicitly paused or paused for idleness).
+    Resume(cli::PauseArgs),
 }
 
 #[derive(clap::Args)]
@@ -91,6 +97,17 @@ struct RunArgs {
     /// Pool pod creations allowed at once, per pool.
     #[arg(long, env = "SANDBOX_CONTROLLER_REFILL_BURST", default_value_t = 100)]
     refill_burst: usize,
+    /// The WakeService (gRPC, h2c): gateways ask it to resume paused sandboxes. `off` to
+    /// disable.
+    #[arg(
+        long,
+        env = "SANDBOX_CONTROLLER_WAKE_BIND_ADDRESS",
+        default_value = "0.0.0.0:9090"
+    )]
+    wake_bind_address: String,
+    /// File holding the WakeService bearer token (callers send `authorization: Bearer <token>`).
+    #[arg(long, env = "SANDBOX_CONTROLLER_WAKE_TOKEN_FILE")]
+    wake_token_file: Option<PathBuf>,
 }
 
 fn parse_service(s: &str) -> Result<Replicas> {
@@ -130,7 +147,31 @@ async fn run_controller(a: RunArgs) -> Result<()> {
     if replicas.is_some() && activity_token.is_none() {
         tracing::warn!("no --activity-token-file: GetLastActive is sent unauthenticated");
     }
+    let wake = if a.wake_bind_address == "off" {
+        None
+    } else {
+        let addr: SocketAddr = a
+            .wake_bind_address
+            .parse()
+            .context("--wake-bind-address is host:port or off")?;
+        let token = match &a.wake_token_file {
+            Some(p) => Some(routing::bearer::BearerToken::from_file(p)?),
+            None => {
+                tracing::warn!(
+                    "no --wake-token-file: anyone who reaches the WakeService can wake sandboxes"
+                );
+                None
+            }
+        };
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the WakeService on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Some(sandbox_controller::context::WakeEndpoint::new(
+            listener, token,
+        ))
+    };
     let cfg = Config {
+        wake,
         namespace: a.namespace.clone(),
         url_template: a.url_template.clone(),
         idle_interval: a.idle_interval,
@@ -210,8 +251,10 @@ fn main() -> Result<()> {
             print!("{}", sandbox_controller::crds_yaml()?);
             Ok(())
         }
-        Cmd::Run(a) => rt.block_on(run_controller(a)),
+        Cmd::Run(a) => rt.block_on(run_controller(*a)),
         Cmd::Claim(a) => rt.block_on(cli::claim(a)),
         Cmd::Release(a) => rt.block_on(cli::release(a)),
+        Cmd::Pause(a) => rt.block_on(cli::pause(a)),
+        Cmd::Resume(a) => rt.block_on(cli::resume(a)),
     }
 }

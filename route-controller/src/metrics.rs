@@ -36,6 +36,13 @@ pub struct Metrics {
     pub pool_writes: IntCounterVec,
     /// 1 while this replica leads.
     pub leader: IntGauge,
+    /// Wake requests by `result` (accepted, already, running, not_found, paused_by_spec,
+    /// not_leader, unauthenticated, invalid, error).
+    pub wakes: IntCounterVec,
+    /// Seconds from a wake accepted to the sandbox Ready again.
+    pub wake_seconds: prometheus::Histogram,
+    /// Sandboxes in phase Paused (as of the last count, every few seconds).
+    pub paused: IntGauge,
     /// Caches synced: `/readyz` answers 200.
     ready: AtomicBool,
 }
@@ -92,6 +99,19 @@ impl Metrics {
         registry.register(Box::new(pool_pods.clone()))?;
         let leader = IntGauge::new("leader", "1 while this replica is the leader")?;
         registry.register(Box::new(leader.clone()))?;
+        let wakes = counters("wakes_total", "wake requests by result", &["result"])?;
+        let wake_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "wake_duration_seconds",
+                "wake accepted to the sandbox Ready again",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        registry.register(Box::new(wake_seconds.clone()))?;
+        let paused = IntGauge::new("paused_sandboxes", "sandboxes in phase Paused")?;
+        registry.register(Box::new(paused.clone()))?;
         Ok(Arc::new(Metrics {
             registry,
             claims,
@@ -103,6 +123,9 @@ impl Metrics {
             transitions,
             pool_writes,
             leader,
+            wakes,
+            wake_seconds,
+            paused,
             ready: AtomicBool::new(false),
         }))
     }

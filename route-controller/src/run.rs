@@ -201,11 +201,45 @@ pub async fn run(
         }
     };
     let idle = crate::idle::run(ctx.clone());
+    let wake = {
+        let ctx = ctx.clone();
+        async move {
+            match cfg
+                .wake
+                .as_ref()
+                .map(|w| (w.take_listener(), w.token.clone()))
+            {
+                Some((Some(listener), token)) => crate::wake::serve(listener, ctx, token).await,
+                _ => std::future::pending().await,
+            }
+        }
+    };
+    let paused_gauge = {
+        let (sandboxes, metrics) = (sandboxes.clone(), metrics.clone());
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let n = sandboxes
+                    .state()
+                    .iter()
+                    .filter(|s| {
+                        s.status
+                            .as_ref()
+                            .is_some_and(|st| st.phase == Phase::Paused)
+                    })
+                    .count();
+                metrics.paused.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    };
     tokio::select! {
         _ = pool_ctl => {}
         _ = sbx_ctl => {}
         _ = idle => {}
         _ = ready => {}
+        _ = paused_gauge => {}
+        r = wake => r?,
     }
     Ok(())
 }

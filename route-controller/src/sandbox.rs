@@ -1,6 +1,7 @@
 //! The `Sandbox` reconcile: add the finalizer, claim a pod, watch it turn Ready, and release
 //! the sandbox when it is deleted, expires, loses its pod or its pool, or the idle pass marked it
-//! idle (`Releasing`).
+//! idle (`Releasing`); pause it (`Pausing`, by the idle pass or `spec.paused`) and resume it
+//! (`Resuming`, by a wake, `spec.paused` cleared or the resume annotation): see `pause.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,10 @@ use crate::claim::{
 };
 use crate::conditions::{clear_condition, set_condition};
 use crate::context::{now_ms, Context};
-use crate::crd::{Launch, OnEmpty, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER};
+use crate::crd::{
+    Launch, OnEmpty, PauseReason, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER,
+    RESUME_ANNOTATION,
+};
 use crate::error::{is_not_found, namespace_of, Error, Result};
 use crate::pods::{ready_since_ms, sandbox_owner};
 use crate::release::{drop_finalizer, release};
@@ -74,9 +78,73 @@ pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
             release(&ctx, &sbx, reason).await?;
             Ok(Action::await_change())
         }
+        Phase::Pausing => crate::pause::pause(&ctx, &sbx).await,
+        Phase::Paused => paused(&ctx, &sbx).await,
+        Phase::Resuming if status.pod_uid.is_none() => {
+            let ns = namespace_of(&*sbx)?;
+            match pool_of(&ctx, &sbx, &ns) {
+                Some(pool) => crate::pause::resume(&ctx, &sbx, &pool).await,
+                None => {
+                    release(&ctx, &sbx, ReleaseReason::PoolDeleted).await?;
+                    Ok(Action::await_change())
+                }
+            }
+        }
         Phase::Pending if status.pod_uid.is_none() => claim(&ctx, &sbx).await,
-        Phase::Pending | Phase::Ready => watch_bound(&ctx, &sbx).await,
+        Phase::Pending | Phase::Ready | Phase::Resuming => watch_bound(&ctx, &sbx).await,
     }
+}
+
+/// A paused sandbox: stays paused until a wake (the WakeService), `spec.paused` cleared after
+/// an explicit pause, or a new `sandboxgateway.io/resume-requested` value; released when its
+/// pool goes or its lifetime ends.
+async fn paused(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
+    let ns = namespace_of(sbx)?;
+    let st = sbx.status.clone().unwrap_or_default();
+    let Some(pool) = pool_of(ctx, sbx, &ns) else {
+        release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
+        return Ok(Action::await_change());
+    };
+    let settings =
+        PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
+    if let (Ok(s), Some(at)) = (&settings, st.claimed_at.as_ref()) {
+        if let Some(max) = s.max_lifetime {
+            let end = ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+            if now_ms() >= end {
+                release(ctx, sbx, ReleaseReason::Expired).await?;
+                return Ok(Action::await_change());
+            }
+        }
+    }
+    let by_spec = sbx.spec.paused == Some(true);
+    if by_spec && st.pause_reason != Some(PauseReason::Spec) {
+        // Paused for idleness, then by its owner: traffic must no longer wake it. Redo the
+        // marker with the new reason (the pause steps are idempotent).
+        let ns_api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.leader.check()?;
+        let patch =
+            json!({ "status": { "phase": Phase::Pausing, "pauseReason": PauseReason::Spec }});
+        ns_api
+            .patch_status(
+                &sbx.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        return Ok(Action::await_change());
+    }
+    let requested = sbx.annotations().get(RESUME_ANNOTATION).cloned();
+    let new_request = requested.is_some() && requested != st.resume_request;
+    let unpaused = !by_spec && st.pause_reason == Some(PauseReason::Spec);
+    if (unpaused || new_request) && !by_spec {
+        let extra = json!({ "resumeRequest": requested });
+        if crate::pause::mark_resuming(ctx, sbx, extra).await? {
+            ctx.note_wake_started(&sbx.uid().unwrap_or_default());
+            ctx.metrics.wakes.with_label_values(&["requested"]).inc();
+        }
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 fn pool_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Option<Arc<SandboxPool>> {
@@ -156,8 +224,9 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         }
     };
     let (pool_settings, settings) = settings;
-    let warm = has_candidates(ctx, sbx, &pool)?;
-    let cold = pool_settings.on_empty == OnEmpty::Cold;
+    let warm = !pool_settings.per_sandbox_volumes && has_candidates(ctx, sbx, &pool)?;
+    // A pool with per-sandbox volumes builds each sandbox's pod (with its volumes).
+    let cold = pool_settings.on_empty == OnEmpty::Cold || pool_settings.per_sandbox_volumes;
     if !warm && !cold {
         // Nothing to bind: wait (watch-driven) or fail, with no write on the way.
         let age_ms =
@@ -200,6 +269,9 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         if !cold {
             // Every candidate was taken meanwhile: try again (the cache catches up).
             return Ok(Action::requeue(Duration::from_millis(20)));
+        }
+        if pool_settings.per_sandbox_volumes {
+            crate::pause::ensure_volumes(ctx, sbx, &pool).await?;
         }
         bound = bind_cold(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
     }
@@ -297,6 +369,10 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
             return Ok(Action::await_change());
         }
     }
+    if st.phase == Phase::Ready && settings.paused {
+        crate::pause::mark_pausing(ctx, sbx, PauseReason::Spec).await?;
+        return Ok(Action::await_change());
+    }
     let name = st.pod_name.clone().unwrap_or_default();
     let pod: Option<Arc<Pod>> = ctx.pods.get(&ObjectRef::new(&name).within(&ns));
     let uid = sbx.uid();
@@ -327,10 +403,27 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
         }
+        // The cache may also lag a pause or resume of this sandbox (its pod deleted or replaced
+        // on purpose): release only if the API server still binds it to this pod.
+        let fresh = Api::<Sandbox>::namespaced(ctx.client.clone(), &ns)
+            .get(&sbx.name_any())
+            .await?;
+        let same = fresh
+            .status
+            .as_ref()
+            .is_some_and(|f| f.phase == st.phase && f.pod_uid == st.pod_uid);
+        if !same {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
         release(ctx, sbx, ReleaseReason::PodFailed).await?;
         return Ok(Action::await_change());
     };
     let mut changed = false;
+    if st.phase == Phase::Resuming && ready_since_ms(pod).is_some() {
+        st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        crate::pause::finish_resume(ctx, sbx, &mut st).await?;
+        return Ok(next_check(&settings, &st));
+    }
     if st.phase == Phase::Pending && ready_since_ms(pod).is_some() {
         st.phase = Phase::Ready;
         st.ready_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use routing::contract::{DEFAULT_PORT, SANDBOX_ID_LABEL};
 
-use crate::crd::{OnEmpty, SandboxPoolSpec, SandboxSpec, POOL_LABEL};
+use crate::crd::{IdlePolicy, OnEmpty, SandboxPoolSpec, SandboxSpec, POOL_LABEL};
 
 /// Why a spec cannot be acted on (the condition's message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +82,9 @@ pub struct PoolSettings {
     pub startup_timeout: Duration,
     pub on_empty: OnEmpty,
     pub claim_wait: Duration,
+    pub idle_policy: IdlePolicy,
+    /// The pool has `volumeClaimTemplates`: every pod is built for its sandbox.
+    pub per_sandbox_volumes: bool,
 }
 
 impl PoolSettings {
@@ -90,6 +93,7 @@ impl PoolSettings {
         check_template(&spec.template)?;
         let replicas = u32::try_from(spec.replicas)
             .map_err(|_| invalid("spec.replicas", "must not be negative"))?;
+        check_volume_templates(spec)?;
         Ok(PoolSettings {
             replicas,
             port: port("spec.port", spec.port)?.unwrap_or(DEFAULT_PORT),
@@ -112,6 +116,8 @@ impl PoolSettings {
             on_empty: spec.on_empty.unwrap_or_default(),
             claim_wait: opt_duration("spec.claimWait", spec.claim_wait.as_deref(), Duration::ZERO)?
                 .unwrap_or(DEFAULT_CLAIM_WAIT),
+            idle_policy: spec.idle_policy.unwrap_or_default(),
+            per_sandbox_volumes: !spec.volume_claim_templates.is_empty(),
         })
     }
 }
@@ -123,6 +129,9 @@ pub struct SandboxSettings {
     pub idle_timeout: Option<Duration>,
     pub max_lifetime: Option<Duration>,
     pub require_token: bool,
+    pub idle_policy: IdlePolicy,
+    /// `spec.paused: true`: paused by its owner, and traffic does not wake it.
+    pub paused: bool,
 }
 
 impl SandboxSettings {
@@ -143,8 +152,58 @@ impl SandboxSettings {
             )?
             .or(pool.max_lifetime),
             require_token: spec.require_token.unwrap_or(true),
+            idle_policy: spec.idle_policy.unwrap_or(pool.idle_policy),
+            paused: spec.paused.unwrap_or(false),
         })
     }
+}
+
+/// What `volumeClaimTemplates` must be: each named with a DNS label (the claim is
+/// `<sandbox>-<name>`), names unique and not a volume the template defines itself, and no warm
+/// pods (`replicas: 0`: a running pod cannot have a sandbox's volumes mounted).
+fn check_volume_templates(spec: &SandboxPoolSpec) -> Result<(), Invalid> {
+    let field = "spec.volumeClaimTemplates";
+    if spec.volume_claim_templates.is_empty() {
+        return Ok(());
+    }
+    if spec.replicas != 0 {
+        return Err(invalid(
+            "spec.replicas",
+            "must be 0 with volumeClaimTemplates (each pod is built for its sandbox, with its \
+             volumes)",
+        ));
+    }
+    let own: Vec<&str> = spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .map(|v| v.iter().map(|v| v.name.as_str()).collect())
+        .unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    for t in &spec.volume_claim_templates {
+        let name = t.metadata.name.as_deref().unwrap_or("");
+        let dns_label = !name.is_empty()
+            && name.len() <= 40
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !dns_label {
+            return Err(invalid(
+                field,
+                format!("{name:?} is not a DNS label of at most 40 characters"),
+            ));
+        }
+        if !seen.insert(name) || own.contains(&name) {
+            return Err(invalid(
+                field,
+                format!("the volume name {name:?} is used twice"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a template must be for the pool to run it: at least one container, each named and with
@@ -218,6 +277,8 @@ mod tests {
             startup_timeout: None,
             on_empty: None,
             claim_wait: None,
+            idle_policy: None,
+            volume_claim_templates: Vec::new(),
         }
     }
 
@@ -235,6 +296,8 @@ mod tests {
                 max_lifetime: Some("2h".into()),
                 port: Some(9000),
                 require_token: Some(false),
+                idle_policy: Some(IdlePolicy::Pause),
+                paused: None,
             },
             &p,
         )
@@ -242,6 +305,8 @@ mod tests {
         assert_eq!(s.idle_timeout, Some(Duration::from_secs(5400)));
         assert_eq!(s.max_lifetime, Some(Duration::from_secs(7200)));
         assert_eq!((s.port, s.require_token), (9000, false));
+        assert_eq!((s.idle_policy, s.paused), (IdlePolicy::Pause, false));
+        assert_eq!(p.idle_policy, IdlePolicy::Release);
     }
 
     #[test]
@@ -253,6 +318,8 @@ mod tests {
             max_lifetime: None,
             port: None,
             require_token: None,
+            idle_policy: None,
+            paused: None,
         };
         for (spec, field) in [
             (
@@ -302,6 +369,38 @@ mod tests {
             PoolSettings::resolve(&neg).unwrap_err().field,
             "spec.replicas"
         );
+    }
+
+    #[test]
+    fn volume_templates_need_names_and_no_warm_pods() {
+        use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+        let claim = |name: &str| PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut p = pool();
+        p.volume_claim_templates = vec![claim("data")];
+        assert_eq!(
+            PoolSettings::resolve(&p).unwrap_err().field,
+            "spec.replicas"
+        );
+        p.replicas = 0;
+        assert!(PoolSettings::resolve(&p).unwrap().per_sandbox_volumes);
+        for bad in [
+            vec![claim("")],
+            vec![claim("Data")],
+            vec![claim("data"), claim("data")],
+            vec![claim("-x")],
+        ] {
+            p.volume_claim_templates = bad;
+            assert_eq!(
+                PoolSettings::resolve(&p).unwrap_err().field,
+                "spec.volumeClaimTemplates"
+            );
+        }
     }
 
     #[test]

@@ -57,6 +57,8 @@ fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
             name,
             "--metrics-bind-address",
             &metrics.to_string(),
+            "--wake-bind-address",
+            &format!("127.0.0.1:{}", free_port()),
         ])
         .env("KUBECONFIG", &kc)
         .env("RUST_LOG", "warn,sandbox_controller=info")

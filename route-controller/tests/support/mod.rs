@@ -119,6 +119,8 @@ pub async fn make_sandbox(client: &Client, name: &str, pool: &str, extra: Value)
         max_lifetime: None,
         port: None,
         require_token: None,
+        idle_policy: None,
+        paused: None,
     })
     .expect("spec");
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {

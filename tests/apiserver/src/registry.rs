@@ -100,6 +100,11 @@ pub fn builtin_resources() -> Vec<ResourceType> {
             .with_status()
             .with_short_names(&["svc"]),
         core("configmaps", "ConfigMap").with_short_names(&["cm"]),
+        // Per-sandbox volumes (a pool's volumeClaimTemplates); the test kubelet backs each
+        // claim with a directory.
+        core("persistentvolumeclaims", "PersistentVolumeClaim")
+            .with_status()
+            .with_short_names(&["pvc"]),
         ResourceType::new("", "v1", "namespaces", "Namespace", false)
             .with_status()
             .with_short_names(&["ns"]),

@@ -554,7 +554,16 @@ fn sandbox_line(ev: Event<Sandbox>) -> Option<(String, String)> {
                 line += &format!("  {}", c.message);
             }
         }
-        Phase::Pending => {}
+        Phase::Pausing | Phase::Paused => {
+            if let Some(r) = st.pause_reason {
+                line += &format!(
+                    "  (reason {})  id {} kept",
+                    r.as_str(),
+                    st.sandbox_id.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        Phase::Pending | Phase::Resuming => {}
     }
     Some((format!("sbx/{}", s.name_any()), line))
 }

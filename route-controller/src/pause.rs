@@ -1,0 +1,415 @@
+//! Pause and resume (docs/controller.md#pause-and-wake). A paused sandbox keeps its ID, its
+//! token and its per-sandbox volumes, and holds no pod.
+//!
+//! Pause (`Pausing` → `Paused`): (1) the paused marker goes on the Sandbox (label
+//! [`PAUSED_LABEL`] = its ID, the token hash, who paused it), so a gateway that sees the route
+//! vanish finds the marker; (2) the pod is deleted, fenced on its uid and resourceVersion (the
+//! route disappears with the deletion timestamp); (3) the status says `Paused` and names no pod.
+//! Each step is idempotent, so a retry (or a new leader) simply redoes what is left.
+//!
+//! Resume (`Resuming` → `Ready`): a pod is bound with the same ID and token hash (a warm pod by
+//! the claim's fenced patch, or one built for the sandbox when it has volumes or the pool is
+//! empty). The old pod's delete committed before the pause ended, so the gateway's oldest-pod
+//! rule never prefers it. The watch of the bound pod turns it `Ready` ([`finish_resume`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use routing::contract::TOKEN_SHA256_ANNOTATION;
+use serde_json::json;
+
+use crate::claim::{bind_cold, bind_warm, bound_status, has_candidates, record, Bound};
+use crate::conditions::set_condition;
+use crate::context::Context;
+use crate::crd::{
+    Launch, PauseReason, Phase, Sandbox, SandboxPool, PAUSED_BY_ANNOTATION, PAUSED_LABEL,
+};
+use crate::error::{is_conflict, namespace_of, Error, Result};
+use crate::release::delete_route;
+use crate::spec::{PoolSettings, SandboxSettings};
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+/// The claim name of a sandbox's volume `template` (`<sandbox>-<template>`).
+pub fn claim_name(sbx: &Sandbox, template: &str) -> String {
+    format!("{}-{template}", sbx.name_any())
+}
+
+/// The token hash a sandbox's routes carry: from the marker, else its pod's annotation.
+fn token_hash_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Option<String> {
+    if let Some(h) = sbx.annotations().get(TOKEN_SHA256_ANNOTATION) {
+        return Some(h.clone());
+    }
+    let name = sbx.status.as_ref()?.pod_name.clone()?;
+    let pod = ctx.pods.get(&ObjectRef::<Pod>::new(&name).within(ns))?;
+    pod.annotations().get(TOKEN_SHA256_ANNOTATION).cloned()
+}
+
+/// Writes the paused marker; returns the Sandbox as written (its new resourceVersion).
+async fn mark_paused(
+    ctx: &Context,
+    sbx: &Sandbox,
+    id: &str,
+    by: PauseReason,
+    token_sha: Option<&str>,
+) -> Result<Sandbox> {
+    let ns = namespace_of(sbx)?;
+    let has = |k: &str, v: &str| sbx.labels().get(k).map(String::as_str) == Some(v);
+    let annotated = sbx
+        .annotations()
+        .get(PAUSED_BY_ANNOTATION)
+        .map(String::as_str)
+        == Some(by.as_str())
+        && sbx
+            .annotations()
+            .get(TOKEN_SHA256_ANNOTATION)
+            .map(String::as_str)
+            == token_sha;
+    if has(PAUSED_LABEL, id) && annotated {
+        return Ok(sbx.clone());
+    }
+    let patch = json!({ "metadata": {
+        "labels": { PAUSED_LABEL: id },
+        "annotations": { PAUSED_BY_ANNOTATION: by.as_str(), TOKEN_SHA256_ANNOTATION: token_sha },
+    }});
+    ctx.leader.check()?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    Ok(api
+        .patch(
+            &sbx.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?)
+}
+
+/// Removes the paused marker (the sandbox runs again).
+pub async fn clear_marker(ctx: &Context, sbx: &Sandbox) -> Result<()> {
+    if !sbx.labels().contains_key(PAUSED_LABEL)
+        && !sbx.annotations().contains_key(PAUSED_BY_ANNOTATION)
+    {
+        return Ok(());
+    }
+    let ns = namespace_of(sbx)?;
+    let patch = json!({ "metadata": {
+        "labels": { PAUSED_LABEL: null },
+        "annotations": { PAUSED_BY_ANNOTATION: null, TOKEN_SHA256_ANNOTATION: null },
+    }});
+    ctx.leader.check()?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(
+        &sbx.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A `Pausing` sandbox: marker, pod deleted, then `Paused` (or `Resuming` when a wake came in).
+pub async fn pause(ctx: &Context, sbx: &Sandbox) -> Result<Action> {
+    let ns = namespace_of(sbx)?;
+    let uid = sbx.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let st = sbx.status.clone().unwrap_or_default();
+    let id = st
+        .sandbox_id
+        .clone()
+        .ok_or(Error::MissingField("status.sandboxId"))?;
+    let by = st.pause_reason.unwrap_or(PauseReason::Idle);
+    let token_sha = token_hash_of(ctx, sbx, &ns);
+    let marked = mark_paused(ctx, sbx, &id, by, token_sha.as_deref()).await?;
+    delete_route(ctx, &marked).await?;
+    let wake = by == PauseReason::Idle && ctx.take_pending_wake(&uid);
+    let phase = if wake { Phase::Resuming } else { Phase::Paused };
+    let mut conds = st.conditions.clone();
+    set_condition(
+        &mut conds,
+        sbx.metadata.generation,
+        "Ready",
+        false,
+        "Paused",
+        "paused: no pod; the ID, token and volumes are kept",
+    );
+    let patch = json!({
+        "metadata": { "resourceVersion": marked.resource_version() },
+        "status": {
+            "phase": phase, "pausedAt": now(), "podName": null, "podUid": null, "podIP": null,
+            "launch": null, "conditions": conds,
+        },
+    });
+    ctx.leader.check()?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &sbx.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .transitions
+        .with_label_values(&["Pausing", "Paused"])
+        .inc();
+    tracing::info!(sandbox = %sbx.name_any(), namespace = %ns, reason = by.as_str(), "paused");
+    ctx.event(
+        sbx,
+        false,
+        "Paused",
+        "Pause",
+        format!("paused ({}): pod deleted, ID {id} kept", by.as_str()),
+    );
+    if wake {
+        ctx.metrics
+            .transitions
+            .with_label_values(&["Paused", "Resuming"])
+            .inc();
+    }
+    Ok(Action::await_change())
+}
+
+/// Creates the sandbox's PersistentVolumeClaims from the pool's templates (owned by the
+/// Sandbox: deleting it deletes them). Ones that exist are kept as they are.
+pub async fn ensure_volumes(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) -> Result<()> {
+    let ns = namespace_of(sbx)?;
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut owner = sbx
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    owner.block_owner_deletion = Some(true);
+    for t in &pool.spec.volume_claim_templates {
+        let tpl = t.metadata.name.as_deref().unwrap_or_default();
+        let mut claim = t.clone();
+        claim.metadata = kube::api::ObjectMeta {
+            name: Some(claim_name(sbx, tpl)),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([(
+                crate::crd::SANDBOX_NAME_ANNOTATION.to_string(),
+                sbx.name_any(),
+            )])),
+            owner_references: Some(vec![owner.clone()]),
+            ..t.metadata.clone()
+        };
+        claim.status = None;
+        ctx.leader.check()?;
+        match api.create(&PostParams::default(), &claim).await {
+            Ok(_) => {}
+            Err(e) if is_conflict(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Adds the sandbox's volumes to a pod built for it: one `persistentVolumeClaim` volume per
+/// template, named as the template (what the containers' `volumeMounts` name).
+pub fn mount_volumes(pod: &mut Pod, sbx: &Sandbox, pool: &SandboxPool) {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaimVolumeSource, Volume};
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    for t in &pool.spec.volume_claim_templates {
+        let tpl = t.metadata.name.clone().unwrap_or_default();
+        volumes.push(Volume {
+            name: tpl.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim_name(sbx, &tpl),
+                read_only: None,
+            }),
+            ..Default::default()
+        });
+    }
+}
+
+/// A `Resuming` sandbox without a pod: bind one with its ID and token hash.
+pub async fn resume(ctx: &Arc<Context>, sbx: &Sandbox, pool: &SandboxPool) -> Result<Action> {
+    let st = sbx.status.clone().unwrap_or_default();
+    let id = st
+        .sandbox_id
+        .clone()
+        .ok_or(Error::MissingField("status.sandboxId"))?;
+    let pool_settings = PoolSettings::resolve(&pool.spec);
+    let settings = pool_settings
+        .clone()
+        .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
+    let (Ok(pool_settings), Ok(settings)) = (pool_settings, settings) else {
+        // An invalid pool or override after the pause: wait for a fix, keep the sandbox.
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let token_sha = sbx.annotations().get(TOKEN_SHA256_ANNOTATION).cloned();
+    if settings.require_token && token_sha.is_none() {
+        return Err(Error::MissingField(
+            "the paused marker's access-token-sha256 annotation",
+        ));
+    }
+    let mut bound = Bound::Empty;
+    if !pool_settings.per_sandbox_volumes && has_candidates(ctx, sbx, pool)? {
+        bound = bind_warm(ctx, sbx, pool, &settings, &id, token_sha.as_deref()).await?;
+    }
+    if matches!(bound, Bound::Empty) {
+        if pool_settings.per_sandbox_volumes {
+            ensure_volumes(ctx, sbx, pool).await?;
+        }
+        // A resume never fails for want of a warm pod: the sandbox exists, build it a pod.
+        bound = bind_cold(ctx, sbx, pool, &settings, &id, token_sha.as_deref()).await?;
+    }
+    let Bound::Pod(pod, launch) = bound else {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    };
+    let mut next = bound_status(
+        ctx,
+        &st,
+        &pod,
+        launch,
+        &id,
+        &settings,
+        st.token_secret.clone(),
+    );
+    // Resuming until the pod is Ready (`finish_resume`), whatever the pod says now.
+    next.phase = Phase::Resuming;
+    next.ready_at = st.ready_at.clone();
+    next.observed_generation = sbx.metadata.generation;
+    if !record(ctx, sbx, &pod, next.clone()).await? {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+    ctx.note_bound(&sbx.uid().unwrap_or_default(), next);
+    let launch = if launch == Launch::Warm {
+        "warm"
+    } else {
+        "cold"
+    };
+    ctx.metrics
+        .claims
+        .with_label_values(&[&pool.name_any(), launch, "resumed"])
+        .inc();
+    ctx.event(
+        sbx,
+        false,
+        "Resuming",
+        "Resume",
+        format!("bound pod {} ({launch}) to sandbox {id}", pod.name_any()),
+    );
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// The resumed pod is Ready: the status says so (activity reset, so the idle rule gives it a
+/// full timeout), then the marker goes.
+pub async fn finish_resume(
+    ctx: &Context,
+    sbx: &Sandbox,
+    st: &mut crate::crd::SandboxStatus,
+) -> Result<()> {
+    let t = now();
+    st.phase = Phase::Ready;
+    st.resumed_at = Some(t.clone());
+    st.last_active_at = Some(t.clone());
+    if st.ready_at.is_none() {
+        st.ready_at = Some(t);
+    }
+    set_condition(
+        &mut st.conditions,
+        sbx.metadata.generation,
+        "Ready",
+        true,
+        "Resumed",
+        "resumed: bound and routed",
+    );
+    let ns = namespace_of(sbx)?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.leader.check()?;
+    api.patch_status(
+        &sbx.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": st })),
+    )
+    .await?;
+    clear_marker(ctx, sbx).await?;
+    ctx.metrics
+        .transitions
+        .with_label_values(&["Resuming", "Ready"])
+        .inc();
+    if let Some(d) = ctx.take_wake_started(&sbx.uid().unwrap_or_default()) {
+        ctx.metrics.wake_seconds.observe(d.as_secs_f64());
+    }
+    ctx.event(sbx, false, "Resumed", "Resume", "resumed and routed".into());
+    Ok(())
+}
+
+/// Marks a Ready sandbox `Pausing` (its reconcile then pauses it), under its resourceVersion.
+/// Returns false when it changed meanwhile.
+pub async fn mark_pausing(ctx: &Context, sbx: &Sandbox, by: PauseReason) -> Result<bool> {
+    let ns = namespace_of(sbx)?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.leader.check()?;
+    let patch = json!({
+        "metadata": { "resourceVersion": sbx.resource_version() },
+        "status": { "phase": Phase::Pausing, "pauseReason": by },
+    });
+    match api
+        .patch_status(
+            &sbx.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics
+                .transitions
+                .with_label_values(&["Ready", "Pausing"])
+                .inc();
+            ctx.event(
+                sbx,
+                false,
+                "Pausing",
+                "Pause",
+                format!("pausing ({})", by.as_str()),
+            );
+            Ok(true)
+        }
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Marks a Paused sandbox `Resuming`, under its resourceVersion. Returns false when it changed
+/// meanwhile.
+pub async fn mark_resuming(ctx: &Context, sbx: &Sandbox, extra: serde_json::Value) -> Result<bool> {
+    let ns = namespace_of(sbx)?;
+    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut status = json!({ "phase": Phase::Resuming });
+    if let (Some(s), Some(e)) = (status.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    ctx.leader.check()?;
+    let patch = json!({
+        "metadata": { "resourceVersion": sbx.resource_version() },
+        "status": status,
+    });
+    match api
+        .patch_status(
+            &sbx.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics
+                .transitions
+                .with_label_values(&["Paused", "Resuming"])
+                .inc();
+            Ok(true)
+        }
+        Err(e) if is_conflict(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,401 @@
+//! Pause and resume on the in-process API server and the test kubelet, with the real
+//! WakeService over gRPC (bearer token): idle → Paused (pod deleted, marker on the Sandbox) →
+//! wake → Ready with the same ID and token on a new pod; explicit pause through `spec.paused`
+//! (traffic cannot wake it) and resume by clearing it; a standby refuses wakes; bad callers
+//! change nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use routing::contract::{SANDBOX_ID_LABEL, TOKEN_SHA256_ANNOTATION};
+use sandbox_controller::context::{Config, Replicas, WakeEndpoint};
+use sandbox_controller::crd::{PauseReason, Phase, Sandbox, PAUSED_BY_ANNOTATION, PAUSED_LABEL};
+use sandbox_controller::leader::Leadership;
+use sandbox_controller::metrics::Metrics;
+use sandbox_gateway_harness::extproc::{file_source, ExtProc};
+use sandbox_gateway_proto::v1::wake_response::Result as WakeResult;
+use sandbox_gateway_proto::v1::wake_service_client::WakeServiceClient;
+use sandbox_gateway_proto::v1::WakeRequest;
+use serde_json::json;
+use support::*;
+
+const ACTIVITY_TOKEN: &str = "pause-test-activity-token";
+const WAKE_TOKEN: &str = "pause-test-wake-token-0123";
+
+fn replica() -> ExtProc {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.json");
+    std::fs::write(&routes, r#"{"sandboxes": []}"#).unwrap();
+    let e = ExtProc::start_with_token(
+        &json!({ "route_source": file_source(&routes) }),
+        ACTIVITY_TOKEN,
+    )
+    .unwrap();
+    std::mem::forget(dir);
+    e
+}
+
+/// A WakeService listener on a free port, and its `http://` endpoint.
+fn wake_endpoint() -> (WakeEndpoint, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let token = routing::bearer::BearerToken::new(WAKE_TOKEN).unwrap();
+    (WakeEndpoint::new(l, Some(token)), url)
+}
+
+fn cfg(activity: Option<&ExtProc>, wake: WakeEndpoint) -> Config {
+    Config {
+        replicas: activity.map(|a| Replicas::Static(vec![a.activity_endpoint()])),
+        activity_token: Some(ACTIVITY_TOKEN.into()),
+        idle_interval: Duration::from_millis(300),
+        query_timeout: Duration::from_secs(2),
+        wake: Some(wake),
+        ..Config::default()
+    }
+}
+
+async fn wake(url: &str, id: &str, token: Option<&str>) -> Result<WakeResult, tonic::Status> {
+    let mut c = WakeServiceClient::connect(url.to_string()).await.unwrap();
+    let mut req = tonic::Request::new(WakeRequest {
+        sandbox_id: id.into(),
+        requester: "test".into(),
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let r = c.wake(req).await?.into_inner();
+    Ok(WakeResult::try_from(r.result).unwrap())
+}
+
+fn status(s: &Sandbox) -> &sandbox_controller::crd::SandboxStatus {
+    s.status.as_ref().expect("status")
+}
+
+async fn pod(client: &kube::Client, name: &str) -> Option<Pod> {
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pauses_and_a_wake_resumes_with_the_same_id_and_token() {
+    let a = replica();
+    let (endpoint, url) = wake_endpoint();
+    let s = stack(cfg(Some(&a), endpoint)).await;
+    make_pool(
+        &s.client,
+        "p",
+        2,
+        json!({ "idleTimeout": "2s", "idlePolicy": "Pause" }),
+    )
+    .await;
+    wait_warm(&s.client, "p", 2).await;
+    make_sandbox(&s.client, "user", "p", json!({})).await;
+    let ready = wait_phase(&s.client, "user", Phase::Ready).await;
+    let id = status(&ready).sandbox_id.clone().unwrap();
+    let token = token_of(&s.client, &ready).await;
+    let old_pod = pod_name(&ready);
+    let old_hash =
+        pod(&s.client, &old_pod).await.unwrap().annotations()[TOKEN_SHA256_ANNOTATION].clone();
+
+    // Silence: paused, not released. The pod is gone, the marker names the ID and token hash.
+    let paused = wait_phase(&s.client, "user", Phase::Paused).await;
+    let st = status(&paused);
+    assert_eq!(st.pause_reason, Some(PauseReason::Idle));
+    assert!(st.paused_at.is_some() && st.pod_name.is_none() && st.pod_uid.is_none());
+    assert_eq!(st.sandbox_id.as_deref(), Some(id.as_str()));
+    assert_eq!(paused.labels().get(PAUSED_LABEL), Some(&id));
+    assert_eq!(
+        paused.annotations().get(TOKEN_SHA256_ANNOTATION),
+        Some(&old_hash)
+    );
+    assert_eq!(
+        paused
+            .annotations()
+            .get(PAUSED_BY_ANNOTATION)
+            .map(String::as_str),
+        Some("Idle")
+    );
+    wait_gone(Api::<Pod>::namespaced(s.client.clone(), NS), &old_pod).await;
+    let ready_cond = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready_cond.status.as_str(), ready_cond.reason.as_str()),
+        ("False", "Paused")
+    );
+
+    // Bad callers change nothing.
+    let e = wake(&url, &id, None).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let e = wake(&url, &id, Some("wrong-token")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let e = wake(&url, "Not_An_Id", Some(WAKE_TOKEN)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        wake(&url, "nosuchsandbox00", Some(WAKE_TOKEN))
+            .await
+            .unwrap(),
+        WakeResult::NotFound
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .get("user")
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&still).phase,
+        Phase::Paused,
+        "a refused wake resumed it"
+    );
+
+    // A wake resumes it: same ID, same token (Secret and hash), a new pod from the pool.
+    assert_eq!(
+        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        WakeResult::Accepted
+    );
+    let resumed = wait_phase(&s.client, "user", Phase::Ready).await;
+    let st = status(&resumed);
+    assert_eq!(st.sandbox_id.as_deref(), Some(id.as_str()));
+    assert_eq!(token_of(&s.client, &resumed).await, token);
+    let new_pod = pod_name(&resumed);
+    assert_ne!(new_pod, old_pod);
+    let p = pod(&s.client, &new_pod).await.unwrap();
+    assert_eq!(p.labels().get(SANDBOX_ID_LABEL), Some(&id));
+    assert_eq!(
+        p.annotations().get(TOKEN_SHA256_ANNOTATION),
+        Some(&old_hash)
+    );
+    assert!(st.resumed_at.is_some());
+    // Activity restarts at the resume, so the idle rule gives it a whole timeout again.
+    assert_eq!(st.last_active_at, st.resumed_at);
+    // A second wake (another gateway) finds it running and writes nothing.
+    assert_eq!(
+        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        WakeResult::Running
+    );
+    // The marker goes once it runs (the status write comes first).
+    let api = Api::<Sandbox>::namespaced(s.client.clone(), NS);
+    let unmarked = tokio::time::timeout(
+        WAIT,
+        kube::runtime::wait::await_condition(api, "user", |s: Option<&Sandbox>| {
+            s.is_some_and(|s| !s.labels().contains_key(PAUSED_LABEL))
+        }),
+    )
+    .await
+    .expect("marker removed")
+    .unwrap()
+    .unwrap();
+    assert!(!unmarked.annotations().contains_key(PAUSED_BY_ANNOTATION));
+    assert_eq!(s.metrics.wakes.with_label_values(&["accepted"]).get(), 1);
+    assert_eq!(
+        s.metrics
+            .wakes
+            .with_label_values(&["unauthenticated"])
+            .get(),
+        2
+    );
+    assert_eq!(s.metrics.wake_seconds.get_sample_count(), 1);
+    // It pauses again after another idle timeout: the cycle repeats.
+    wait_phase(&s.client, "user", Phase::Paused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_pause_holds_until_spec_paused_is_cleared() {
+    let (endpoint, url) = wake_endpoint();
+    let s = stack(cfg(None, endpoint)).await;
+    make_pool(&s.client, "p", 1, json!({})).await;
+    wait_warm(&s.client, "p", 1).await;
+    make_sandbox(&s.client, "owner", "p", json!({})).await;
+    let ready = wait_phase(&s.client, "owner", Phase::Ready).await;
+    let id = status(&ready).sandbox_id.clone().unwrap();
+    let api = Api::<Sandbox>::namespaced(s.client.clone(), NS);
+    let set = |v: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "owner",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": { "paused": v } })),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    set(json!(true)).await;
+    let paused = wait_phase(&s.client, "owner", Phase::Paused).await;
+    assert_eq!(status(&paused).pause_reason, Some(PauseReason::Spec));
+    assert_eq!(
+        paused
+            .annotations()
+            .get(PAUSED_BY_ANNOTATION)
+            .map(String::as_str),
+        Some("Spec")
+    );
+    // Traffic cannot wake what its owner paused.
+    assert_eq!(
+        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        WakeResult::PausedBySpec
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status(&api.get("owner").await.unwrap()).phase,
+        Phase::Paused
+    );
+    set(serde_json::Value::Null).await;
+    let resumed = wait_phase(&s.client, "owner", Phase::Ready).await;
+    assert_eq!(status(&resumed).sandbox_id.as_deref(), Some(id.as_str()));
+    assert_ne!(pod_name(&resumed), pod_name(&ready));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_refuses_wakes() {
+    init_tracing();
+    let api = sandbox_gateway_apiserver::FakeApiServer::start()
+        .await
+        .unwrap();
+    let client = api.client().unwrap();
+    let (endpoint, url) = wake_endpoint();
+    let metrics = Metrics::new().unwrap();
+    let _ctl = spawn_controller(
+        client,
+        cfg(None, endpoint),
+        metrics.clone(),
+        Leadership::standby(),
+    );
+    let e = loop {
+        match WakeServiceClient::connect(url.clone()).await {
+            Ok(_) => break wake(&url, "abcdefgh", Some(WAKE_TOKEN)).await.unwrap_err(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert_eq!(metrics.wakes.with_label_values(&["not_leader"]).get(), 1);
+}
+
+/// An HTTP/1.1 request with a body to the pod's own server (`/files` reads and writes the
+/// volumes the test kubelet mounted).
+async fn send(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_on_a_per_sandbox_volume_survive_a_pause() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use sandbox_gateway_harness::kubelet::KubeletOptions;
+    let volumes = tempfile::tempdir().unwrap();
+    let (endpoint, url) = wake_endpoint();
+    let s = stack_with(
+        cfg(None, endpoint),
+        KubeletOptions {
+            volume_root: Some(volumes.path().to_path_buf()),
+            ..KubeletOptions::default()
+        },
+    )
+    .await;
+    let mut template = template();
+    template["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "data", "mountPath": "/data" }]);
+    make_pool(
+        &s.client,
+        "vol",
+        0,
+        json!({
+            "template": template,
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": { "accessModes": ["ReadWriteOnce"],
+                          "resources": { "requests": { "storage": "1Gi" } } },
+            }],
+        }),
+    )
+    .await;
+    make_sandbox(&s.client, "notes", "vol", json!({})).await;
+    let ready = wait_phase(&s.client, "notes", Phase::Ready).await;
+    let id = status(&ready).sandbox_id.clone().unwrap();
+    let claim = Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), NS)
+        .get("notes-data")
+        .await
+        .expect("the sandbox's claim");
+    assert_eq!(
+        claim.owner_references()[0].uid,
+        ready.uid().unwrap(),
+        "owned by the Sandbox"
+    );
+    let addr = |sbx: &Sandbox| {
+        let ip = s.kubelet.ip_of(NS, &pod_name(sbx)).expect("pod runs");
+        std::net::SocketAddr::from((ip, 8080))
+    };
+    let put = send(
+        addr(&ready),
+        "PUT",
+        "/files?path=/data/notes.txt",
+        "kept across a pause",
+    )
+    .await;
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+
+    Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .patch(
+            "notes",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": { "paused": true } })),
+        )
+        .await
+        .unwrap();
+    wait_phase(&s.client, "notes", Phase::Paused).await;
+    wait_gone(
+        Api::<Pod>::namespaced(s.client.clone(), NS),
+        &pod_name(&ready),
+    )
+    .await;
+    assert!(
+        Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), NS)
+            .get_opt("notes-data")
+            .await
+            .unwrap()
+            .is_some(),
+        "the volume outlives the pod"
+    );
+    assert_eq!(
+        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        WakeResult::PausedBySpec
+    );
+    Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .patch(
+            "notes",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": { "paused": null } })),
+        )
+        .await
+        .unwrap();
+    let resumed = wait_phase(&s.client, "notes", Phase::Ready).await;
+    assert_ne!(pod_name(&resumed), pod_name(&ready));
+    let got = send(addr(&resumed), "GET", "/files?path=/data/notes.txt", "").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("kept across a pause"), "{got}");
+    // Deleting the sandbox deletes its volume (owner cascade).
+    Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .delete("notes", &Default::default())
+        .await
+        .unwrap();
+    wait_gone(
+        Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), NS),
+        "notes-data",
+    )
+    .await;
+}
