@@ -136,6 +136,7 @@ fn main() {
             Arc::clone(&table),
             Arc::new(SourceStats::default()),
             rt.handle(),
+            false,
         )
         .expect("start");
         while !table.is_synced() {

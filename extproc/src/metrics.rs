@@ -17,6 +17,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub miss_holds: IntCounter,
     pub miss_holds_displaced: IntCounter,
+    /// Requests held for a paused sandbox to wake, and how their holds ended.
+    pub wake_holds: IntCounterVec,
     /// Time from request headers received to the answer sent, seconds.
     pub decision_seconds: Histogram,
     pub report_streams: IntGauge,
@@ -71,7 +73,16 @@ impl Metrics {
         for rpc in ["Report", "GetLastActive"] {
             auth_failures.with_label_values(&[rpc]);
         }
+        let wake_holds = IntCounterVec::new(
+            Opts::new(
+                "wake_holds_total",
+                "requests held for a paused sandbox, by how the hold ended",
+            ),
+            &["end"],
+        )?;
+        registry.register(Box::new(wake_holds.clone()))?;
         Ok(Arc::new(Metrics {
+            wake_holds,
             requests,
             miss_holds: counter("miss_holds_total", "requests held for a missing route")?,
             miss_holds_displaced: counter(

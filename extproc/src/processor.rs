@@ -23,11 +23,13 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use routing::activity::now_ms;
 use routing::activity::StreamSlot;
 use routing::decide::{
-    decide, decide_after_hold, open_stream, Decision, ErrorReply, FinalDecision, Forward,
-    HeaderChange, Ready, FORWARDED_HOST_HEADER, FORWARDED_PREFIX_HEADER, ORIGINAL_DST_HEADER,
+    decide, decide_after_hold, decide_after_wake, open_stream, Decision, ErrorReply, FinalDecision,
+    Forward, HeaderChange, Ready, ReplyCode, SandboxId, FORWARDED_HOST_HEADER,
+    FORWARDED_PREFIX_HEADER, ORIGINAL_DST_HEADER,
 };
 use routing::holds::{ClientKey, HoldBook};
 use routing::reply::is_grpc_content_type;
+use routing::wake::{WakeEnd, Waker};
 use routing::{GatewayConfig, KeyError, RequestView, TargetBuf};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +47,15 @@ pub struct Processor {
     pub activity: Arc<Activity>,
     /// Requests held on a miss: at most `max_held_misses`, shared fairly (routing::holds).
     pub holds: Arc<HoldBook>,
+    /// Wakes paused sandboxes (`wake` configured), else None.
+    pub waker: Option<Arc<Waker>>,
 }
+
+/// Where an interim answer goes: the request's ext_proc stream.
+pub type Interim = tokio::sync::mpsc::Sender<Result<ProcessingResponse, Status>>;
+
+/// Extra time Envoy waits beyond the wake bound for the final answer.
+const WAKE_MESSAGE_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The ext_proc filter's attribute namespace, and the attribute the bootstrap asks for
 /// (`request_attributes`): the downstream address, by which held misses are shared.
@@ -122,6 +132,7 @@ impl Processor {
         &self,
         h: &HttpHeaders,
         attributes: &HashMap<String, Struct>,
+        interim: &Interim,
     ) -> (ProcessingResponse, Option<StreamSlot>) {
         let started = Instant::now();
         let list = h
@@ -135,6 +146,7 @@ impl Processor {
             Decision::Reply(r) => (self.reply(r, &view), None),
             Decision::Ready(r) => (self.ready(r), None),
             Decision::Forward(f) => self.forward(f, &view),
+            Decision::Wake(id) => self.wake(id, &view, interim).await,
             Decision::Hold(id) => {
                 self.activity.metrics.miss_holds.inc();
                 // Always admitted; when full, the heaviest client's oldest hold gives way.
@@ -145,8 +157,9 @@ impl Processor {
                 hold.wait(table, &id, self.cfg.miss_hold).await;
                 drop(hold);
                 match decide_after_hold(&self.cfg, table, &view) {
-                    FinalDecision::Reply(r) => (self.reply(r, &view), None),
-                    FinalDecision::Forward(f) => self.forward(f, &view),
+                    routing::decide::AfterHold::Reply(r) => (self.reply(r, &view), None),
+                    routing::decide::AfterHold::Forward(f) => self.forward(f, &view),
+                    routing::decide::AfterHold::Wake(id) => self.wake(id, &view, interim).await,
                 }
             }
         };
@@ -155,6 +168,55 @@ impl Processor {
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());
         resp
+    }
+
+    /// Holds a request for a paused sandbox while it wakes (its token was checked). Envoy is
+    /// told first to wait past `message_timeout` (`override_message_timeout`, allowed up to the
+    /// bootstrap's `max_message_timeout`), then gets the decision.
+    async fn wake(
+        &self,
+        id: SandboxId,
+        view: &Headers<'_>,
+        interim: &Interim,
+    ) -> (ProcessingResponse, Option<StreamSlot>) {
+        let table = &self.activity.table;
+        let Some(waker) = &self.waker else {
+            // No waker, no paused set: unreachable, answered as a wake that did not finish.
+            let r = ErrorReply::about(ReplyCode::SandboxWaking, id, &self.cfg);
+            return (self.reply(r, view), None);
+        };
+        let Some(place) = waker.admit() else {
+            let r = ErrorReply::about(ReplyCode::TooManyWakes, id, &self.cfg);
+            return (self.reply(r, view), None);
+        };
+        let wait = waker.timeout() + WAKE_MESSAGE_MARGIN;
+        let extend = ProcessingResponse {
+            override_message_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(wait.subsec_nanos()).unwrap_or(0),
+            }),
+            ..Default::default()
+        };
+        if interim.send(Ok(extend)).await.is_err() {
+            // Envoy gave up on the request meanwhile: nothing to answer.
+            return (ProcessingResponse::default(), None);
+        }
+        let end = waker.hold(&place, &id).await;
+        drop(place);
+        let label = match end {
+            WakeEnd::Ready => "ready",
+            WakeEnd::Unpaused => "unpaused",
+            WakeEnd::Expired => "expired",
+        };
+        self.activity
+            .metrics
+            .wake_holds
+            .with_label_values(&[label])
+            .inc();
+        match decide_after_wake(&self.cfg, table, view) {
+            FinalDecision::Reply(r) => (self.reply(r, view), None),
+            FinalDecision::Forward(f) => self.forward(f, view),
+        }
     }
 
     fn forward(&self, f: Forward, view: &Headers<'_>) -> (ProcessingResponse, Option<StreamSlot>) {
@@ -362,7 +424,7 @@ impl ExternalProcessor for Processor {
                 let Some(req) = msg.request else { continue };
                 let resp = match &req {
                     processing_request::Request::RequestHeaders(h) => {
-                        let (resp, s) = this.on_request_headers(h, &msg.attributes).await;
+                        let (resp, s) = this.on_request_headers(h, &msg.attributes, &tx).await;
                         drop(std::mem::replace(&mut slot, s));
                         resp
                     }

@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use proto::v1::activity_service_server::ActivityServiceServer;
 use routing::holds::HoldBook;
 use routing::stats::SourceStats;
+use routing::wake::Waker;
 use routing::{GatewayConfig, RouteTable};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,6 +90,7 @@ pub async fn serve(
         Arc::clone(&table),
         Arc::new(SourceStats::default()),
         &tokio::runtime::Handle::current(),
+        opts.config.wake.is_some(),
     )?;
     let activity = Arc::new(Activity::new(
         Aggregator::new(opts.max_sandboxes, opts.forget_after),
@@ -115,6 +117,15 @@ pub async fn serve(
         cfg: Arc::new(opts.config.clone()),
         activity: Arc::clone(&activity),
         holds: HoldBook::new(opts.config.max_held_misses),
+        waker: opts.config.wake.clone().map(|w| {
+            Waker::new(
+                w,
+                Arc::clone(&table),
+                opts.config.miss_hold,
+                tokio::runtime::Handle::current(),
+                format!("sandbox-extproc-{}", std::process::id()),
+            )
+        }),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health

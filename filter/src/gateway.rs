@@ -10,6 +10,7 @@ use crate::http_filter::SandboxFilter;
 use crate::report::ReportStats;
 use routing::holds::HoldBook;
 use routing::stats::SourceStats;
+use routing::wake::{WakeStats, Waker};
 use routing::{GatewayConfig, RouteTable};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,15 +39,19 @@ pub struct Metrics {
     /// Holds ended early to make room for a miss from a lighter client (routing::holds).
     pub miss_holds_displaced: MetricId,
     pub miss_hold_ms: MetricId,
+    /// Requests held for a paused sandbox to wake, and how long each hold lasted.
+    pub wake_holds: MetricId,
+    pub wake_hold_ms: MetricId,
     routes: MetricId,
+    paused_sandboxes: MetricId,
     routes_synced: MetricId,
     /// Counters kept as cumulative atomics by background code, published as deltas.
     cumulative: [(MetricId, ReadStat); CUMULATIVE],
 }
 
-const CUMULATIVE: usize = 12;
+const CUMULATIVE: usize = 14;
 
-type ReadStat = fn(&SourceStats, &ReportStats) -> u64;
+type ReadStat = fn(&SourceStats, &ReportStats, Option<&WakeStats>) -> u64;
 
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
@@ -60,49 +65,61 @@ impl Metrics {
             miss_holds: h.define_counter("miss_holds", &[])?,
             miss_holds_displaced: h.define_counter("miss_holds_displaced", &[])?,
             miss_hold_ms: h.define_histogram("miss_hold_ms")?,
+            wake_holds: h.define_counter("wake_holds", &[])?,
+            wake_hold_ms: h.define_histogram("wake_hold_ms")?,
             routes: h.define_gauge("routes")?,
+            paused_sandboxes: h.define_gauge("paused_sandboxes")?,
             routes_synced: h.define_gauge("routes_synced")?,
             cumulative: [
-                (h.define_counter("route_reloads_ok", &[])?, |s, _| {
+                (h.define_counter("route_reloads_ok", &[])?, |s, _, _| {
                     load(&s.reloads_ok)
                 }),
-                (h.define_counter("route_reloads_failed", &[])?, |s, _| {
+                (h.define_counter("route_reloads_failed", &[])?, |s, _, _| {
                     load(&s.reloads_failed)
                 }),
-                (h.define_counter("route_watch_errors", &[])?, |s, _| {
+                (h.define_counter("route_watch_errors", &[])?, |s, _, _| {
                     load(&s.watch_errors)
                 }),
-                (h.define_counter("route_relists", &[])?, |s, _| {
+                (h.define_counter("route_relists", &[])?, |s, _, _| {
                     load(&s.relists)
                 }),
-                (h.define_counter("route_conflicts", &[])?, |s, _| {
+                (h.define_counter("route_conflicts", &[])?, |s, _, _| {
                     load(&s.conflicts)
                 }),
-                (h.define_counter("route_ip_fenced", &[])?, |s, _| {
+                (h.define_counter("route_ip_fenced", &[])?, |s, _, _| {
                     load(&s.ip_fenced)
                 }),
-                (h.define_counter("route_stale_events", &[])?, |s, _| {
+                (h.define_counter("route_stale_events", &[])?, |s, _, _| {
                     load(&s.stale_ignored)
                 }),
-                (h.define_counter("panics", &[])?, |_, _| {
+                (h.define_counter("panics", &[])?, |_, _, _| {
                     crate::ffi::panics()
                 }),
-                (h.define_counter("hook_reentries", &[])?, |_, _| {
+                (h.define_counter("hook_reentries", &[])?, |_, _, _| {
                     crate::ffi::reentries()
                 }),
                 // activity_report (report.rs): batches sent, failed connects/streams, and
                 // streams refused for a missing or wrong token.
-                (h.define_counter("activity_report_batches", &[])?, |_, r| {
-                    load(&r.batches)
-                }),
+                (
+                    h.define_counter("activity_report_batches", &[])?,
+                    |_, r, _| load(&r.batches),
+                ),
                 (
                     h.define_counter("activity_report_failures", &[])?,
-                    |_, r| load(&r.failures),
+                    |_, r, _| load(&r.failures),
                 ),
                 (
                     h.define_counter("activity_report_unauthenticated", &[])?,
-                    |_, r| load(&r.unauthenticated),
+                    |_, r, _| load(&r.unauthenticated),
                 ),
+                // wake (routing::wake): single-flight wakes started, and wake rounds no
+                // controller address answered.
+                (h.define_counter("wake_flights", &[])?, |_, _, w| {
+                    w.map_or(0, |w| load(&w.flights))
+                }),
+                (h.define_counter("wake_failures", &[])?, |_, _, w| {
+                    w.map_or(0, |w| load(&w.failures))
+                }),
             ],
         })
     }
@@ -113,6 +130,8 @@ pub struct Gateway {
     /// Requests held on a miss: at most `max_held_misses`, shared fairly (routing::holds).
     pub holds: Arc<HoldBook>,
     pub table: Arc<RouteTable>,
+    /// Wakes paused sandboxes (`wake` configured), else None.
+    pub waker: Option<Arc<Waker>>,
     pub metrics: Metrics,
     source_stats: Arc<SourceStats>,
     report_stats: Arc<ReportStats>,
@@ -137,14 +156,24 @@ impl Gateway {
             .map_err(GatewayError::Runtime)?;
         // What is already counted: the process-wide counters (panics, re-entries) keep their
         // history across config reloads, and a new config must not publish it again.
+        let waker = cfg.wake.clone().map(|w| {
+            Waker::new(
+                w,
+                Arc::clone(&table),
+                cfg.miss_hold,
+                runtime.handle().clone(),
+                crate::report::reporter_id(),
+            )
+        });
         let published = metrics
             .cumulative
-            .map(|(_, read)| read(&source_stats, &report_stats));
+            .map(|(_, read)| read(&source_stats, &report_stats, None));
         routing::source::start(
             &cfg.routes,
             Arc::clone(&table),
             Arc::clone(&source_stats),
             runtime.handle(),
+            cfg.wake.is_some(),
         )?;
         if let Some(r) = &cfg.activity_report {
             // Pushes activity to sandbox-extproc; see report.rs.
@@ -172,6 +201,7 @@ impl Gateway {
             holds: HoldBook::new(cfg.max_held_misses),
             cfg,
             table,
+            waker,
             metrics,
             source_stats,
             report_stats,
@@ -196,9 +226,11 @@ impl Gateway {
             self.metrics.routes_synced,
             u64::from(self.table.is_synced()),
         );
+        envoy.set_gauge(self.metrics.paused_sandboxes, self.table.paused_len());
+        let wake_stats = self.waker.as_ref().map(|w| &w.stats);
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         for ((id, read), last) in self.metrics.cumulative.iter().zip(published.iter_mut()) {
-            let now = read(&self.source_stats, &self.report_stats);
+            let now = read(&self.source_stats, &self.report_stats, wake_stats);
             if now > *last {
                 envoy.increment_counter(*id, now - *last);
             }
@@ -208,7 +240,8 @@ impl Gateway {
 }
 
 // SAFETY: `new_filter` hands `&'static self` only to `SandboxFilter`, which keeps it in its own
-// field; the tasks the filter spawns (`hold`) capture an `Arc<RouteTable>`, never the gateway.
+// field; the tasks the filter spawns (`hold`, `wake`) capture an `Arc<RouteTable>` or an
+// `Arc<Waker>`, never the gateway.
 #[allow(unsafe_code)]
 unsafe impl HttpFilterConfig for Gateway {
     type Filter = SandboxFilter;

@@ -10,9 +10,9 @@ use crate::ffi::{Header, HeaderMap, HeadersStatus, HttpFilter, Stream};
 use crate::gateway::Gateway;
 use routing::activity::{now_ms, StreamSlot, StreamThrottle};
 use routing::decide::{
-    decide, decide_after_hold, open_stream, Decision, ErrorReply, FinalDecision, Forward,
-    HeaderChange, ReplyCode, SandboxId, FORWARDED_HOST_HEADER, FORWARDED_PREFIX_HEADER,
-    ORIGINAL_DST_HEADER,
+    decide, decide_after_hold, decide_after_wake, open_stream, AfterHold, Decision, ErrorReply,
+    FinalDecision, Forward, HeaderChange, ReplyCode, SandboxId, FORWARDED_HOST_HEADER,
+    FORWARDED_PREFIX_HEADER, ORIGINAL_DST_HEADER,
 };
 use routing::holds::ClientKey;
 use routing::key::KeyError;
@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 pub const ORIGINAL_DST_KEY: &str = "envoy.network.transport_socket.original_dst_address";
 /// The scheduler event that ends a miss hold.
 pub const EVENT_HOLD_DONE: u64 = 1;
+/// The scheduler event that ends a wake hold.
+pub const EVENT_WAKE_DONE: u64 = 2;
 
 /// Envoy's request headers as the routing core reads them. Borrowed, so the ~1 KiB snapshot
 /// (32 inline entries) is never moved (callgrind showed no difference either way today: the
@@ -63,6 +65,8 @@ pub struct SandboxFilter {
     throttle: Cell<StreamThrottle>,
     /// Set while a miss hold is pending; taken by the scheduled event that ends it.
     hold_started: Cell<Option<Instant>>,
+    /// Set while a wake hold is pending; taken by the scheduled event that ends it.
+    wake_started: Cell<Option<Instant>>,
 }
 
 impl SandboxFilter {
@@ -73,6 +77,7 @@ impl SandboxFilter {
             slot: OnceCell::new(),
             throttle: Cell::new(StreamThrottle::new(0, Duration::ZERO)),
             hold_started: Cell::new(None),
+            wake_started: Cell::new(None),
         }
     }
 
@@ -93,9 +98,45 @@ impl SandboxFilter {
         let gw = self.gw;
         let d = decide_after_hold(&gw.cfg, &gw.table, &View(&s.request_headers()));
         match d {
+            AfterHold::Reply(r) => self.send(s, &r),
+            AfterHold::Forward(f) => self.forward(s, f),
+            AfterHold::Wake(id) => self.wake(s, id),
+        }
+    }
+
+    fn after_wake<S: Stream>(&self, s: &mut S) -> HeadersStatus {
+        let gw = self.gw;
+        let d = decide_after_wake(&gw.cfg, &gw.table, &View(&s.request_headers()));
+        match d {
             FinalDecision::Reply(r) => self.send(s, &r),
             FinalDecision::Forward(f) => self.forward(s, f),
         }
+    }
+
+    /// Holds a request for a paused sandbox (its token checked) while the controller wakes it,
+    /// on the gateway's runtime; the scheduled `EVENT_WAKE_DONE` decides it then.
+    fn wake<S: Stream>(&self, s: &mut S, id: SandboxId) -> HeadersStatus {
+        let gw = self.gw;
+        let Some(waker) = &gw.waker else {
+            // No waker, no paused set: unreachable, answered as a wake that did not finish.
+            return self.send(s, &ErrorReply::about(ReplyCode::SandboxWaking, id, &gw.cfg));
+        };
+        let Some(place) = waker.admit() else {
+            return self.send(s, &ErrorReply::about(ReplyCode::TooManyWakes, id, &gw.cfg));
+        };
+        let Some(scheduler) = s.scheduler() else {
+            return self.after_wake(s);
+        };
+        self.wake_started.set(Some(Instant::now()));
+        let waker = Arc::clone(waker);
+        // The task owns the scheduler: it makes the only commit, then frees it.
+        gw.spawn(async move {
+            waker.hold(&place, &id).await;
+            drop(place);
+            crate::ffi::Commit::commit(&scheduler, EVENT_WAKE_DONE);
+        });
+        s.increment_counter(gw.metrics.wake_holds, None, 1);
+        HeadersStatus::Stop
     }
 
     fn forward<S: Stream>(&self, s: &mut S, f: Forward) -> HeadersStatus {
@@ -216,6 +257,7 @@ impl HttpFilter for SandboxFilter {
                 HeadersStatus::Replied
             }
             Decision::Hold(id) => self.hold(s, id),
+            Decision::Wake(id) => self.wake(s, id),
             Decision::Forward(f) => self.forward(s, f),
         }
     }
@@ -229,18 +271,22 @@ impl HttpFilter for SandboxFilter {
     }
 
     fn on_scheduled<S: Stream>(&self, s: &mut S, event_id: u64) {
-        if event_id != EVENT_HOLD_DONE {
-            return;
-        }
-        // No hold pending: a stale or repeated event changes nothing.
-        let Some(started) = self.hold_started.take() else {
+        // No hold of that kind pending: a stale or repeated event changes nothing.
+        let (pending, metric) = match event_id {
+            EVENT_HOLD_DONE => (&self.hold_started, self.gw.metrics.miss_hold_ms),
+            EVENT_WAKE_DONE => (&self.wake_started, self.gw.metrics.wake_hold_ms),
+            _ => return,
+        };
+        let Some(started) = pending.take() else {
             return;
         };
-        s.record_histogram(
-            self.gw.metrics.miss_hold_ms,
-            started.elapsed().as_millis() as u64,
-        );
-        if self.after_hold(s) == HeadersStatus::Continue {
+        s.record_histogram(metric, started.elapsed().as_millis() as u64);
+        let next = if event_id == EVENT_HOLD_DONE {
+            self.after_hold(s)
+        } else {
+            self.after_wake(s)
+        };
+        if next == HeadersStatus::Continue {
             s.continue_decoding();
         }
     }

@@ -24,10 +24,10 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "sandboxgateway.io/template-hash";
 /// carries the UID).
 pub const SANDBOX_NAME_ANNOTATION: &str = "sandboxgateway.io/sandbox";
 
-/// Label on a `Sandbox` while it is pausing or paused: its sandbox ID. Gateways that wake
-/// sandboxes watch `Sandbox` objects with this label (read-only), so they know a paused
-/// sandbox without the controller (docs/controller.md#pause-and-wake).
-pub const PAUSED_LABEL: &str = "sandboxgateway.io/paused";
+/// The paused marker on a `Sandbox` (label: its ID; annotation: who paused it), shared with the
+/// gateway, which watches `Sandbox` objects with this label read-only
+/// (docs/controller.md#pause-and-wake).
+pub use routing::paused::{PAUSED_BY_ANNOTATION, PAUSED_LABEL};
 
 /// What idleness does to a sandbox.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -279,10 +279,6 @@ impl PauseReason {
         }
     }
 }
-
-/// Annotation on a paused `Sandbox` (with [`PAUSED_LABEL`]): `Idle` (traffic wakes it) or `Spec`
-/// (it stays paused; the gateway answers 409 `sandbox_paused`).
-pub const PAUSED_BY_ANNOTATION: &str = "sandboxgateway.io/paused-by";
 
 /// Annotation a user (or `sandbox-controller resume`) sets to resume a sandbox paused for
 /// idleness without sending it traffic: any value different from the last one acted on.

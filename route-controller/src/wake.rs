@@ -70,7 +70,7 @@ impl Waker {
         }
     }
 
-    async fn wake(&self, id: &str) -> Result<(WakeResult, String), Status> {
+    async fn wake(&self, id: &str, token_sha256: &str) -> Result<(WakeResult, String), Status> {
         // Two tries: a conflict means the sandbox changed between the read and the write.
         for _ in 0..2 {
             let Some(sbx) = self.find(id).await? else {
@@ -81,6 +81,18 @@ impl Waker {
             let by_spec =
                 sbx.spec.paused == Some(true) || st.pause_reason == Some(PauseReason::Spec);
             if sbx.metadata.deletion_timestamp.is_some() {
+                return Ok((WakeResult::NotFound, name));
+            }
+            // The gateway checked the request's token against the marker it watches; it must be
+            // this sandbox's own marker (a forged marker on another object proves nothing).
+            let theirs = sbx
+                .annotations()
+                .get(routing::contract::TOKEN_SHA256_ANNOTATION)
+                .map_or("", String::as_str);
+            let marked = sbx.labels().contains_key(crate::crd::PAUSED_LABEL);
+            if marked && theirs != token_sha256 {
+                tracing::warn!(sandbox = %name, sandbox_id = %id,
+                    "wake refused: the token hash the gateway checked is not this sandbox's");
                 return Ok((WakeResult::NotFound, name));
             }
             let uid = sbx.uid().unwrap_or_default();
@@ -143,7 +155,7 @@ impl WakeService for Waker {
             self.count("invalid");
             return Err(Status::invalid_argument("not a valid sandbox ID"));
         }
-        let (result, sandbox) = match self.wake(&r.sandbox_id).await {
+        let (result, sandbox) = match self.wake(&r.sandbox_id, &r.token_sha256).await {
             Ok(x) => x,
             Err(s) => {
                 self.count("error");

@@ -59,11 +59,29 @@ fn cfg(activity: Option<&ExtProc>, wake: WakeEndpoint) -> Config {
     }
 }
 
-async fn wake(url: &str, id: &str, token: Option<&str>) -> Result<WakeResult, tonic::Status> {
+async fn wake(
+    client: &kube::Client,
+    url: &str,
+    id: &str,
+    token: Option<&str>,
+) -> Result<WakeResult, tonic::Status> {
+    let hash = marker_hash(client, id).await;
+    wake_checked(url, id, token, &hash).await
+}
+
+/// A wake as a gateway sends it: with the token hash it checked.
+async fn wake_checked(
+    url: &str,
+    id: &str,
+    token: Option<&str>,
+    hash: &str,
+) -> Result<WakeResult, tonic::Status> {
+    let token_sha256 = hash.to_string();
     let mut c = WakeServiceClient::connect(url.to_string()).await.unwrap();
     let mut req = tonic::Request::new(WakeRequest {
         sandbox_id: id.into(),
         requester: "test".into(),
+        token_sha256,
     });
     if let Some(t) = token {
         req.metadata_mut()
@@ -71,6 +89,20 @@ async fn wake(url: &str, id: &str, token: Option<&str>) -> Result<WakeResult, to
     }
     let r = c.wake(req).await?.into_inner();
     Ok(WakeResult::try_from(r.result).unwrap())
+}
+
+/// The token hash on the marker of the Sandbox whose ID is `id` (empty when none), as a
+/// gateway reads it.
+async fn marker_hash(client: &kube::Client, id: &str) -> String {
+    let all = Api::<Sandbox>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    all.items
+        .iter()
+        .find(|s| s.labels().get(PAUSED_LABEL).map(String::as_str) == Some(id))
+        .and_then(|s| s.annotations().get(TOKEN_SHA256_ANNOTATION).cloned())
+        .unwrap_or_default()
 }
 
 fn status(s: &Sandbox) -> &sandbox_controller::crd::SandboxStatus {
@@ -131,14 +163,18 @@ async fn idle_pauses_and_a_wake_resumes_with_the_same_id_and_token() {
     );
 
     // Bad callers change nothing.
-    let e = wake(&url, &id, None).await.unwrap_err();
+    let e = wake(&s.client, &url, &id, None).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let e = wake(&url, &id, Some("wrong-token")).await.unwrap_err();
+    let e = wake(&s.client, &url, &id, Some("wrong-token"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let e = wake(&url, "Not_An_Id", Some(WAKE_TOKEN)).await.unwrap_err();
+    let e = wake(&s.client, &url, "Not_An_Id", Some(WAKE_TOKEN))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert_eq!(
-        wake(&url, "nosuchsandbox00", Some(WAKE_TOKEN))
+        wake(&s.client, &url, "nosuchsandbox00", Some(WAKE_TOKEN))
             .await
             .unwrap(),
         WakeResult::NotFound
@@ -154,9 +190,17 @@ async fn idle_pauses_and_a_wake_resumes_with_the_same_id_and_token() {
         "a refused wake resumed it"
     );
 
+    // A gateway that checked the token against another hash (a forged marker) wakes nothing.
+    let forged = "00".repeat(32);
+    assert_eq!(
+        wake_checked(&url, &id, Some(WAKE_TOKEN), &forged)
+            .await
+            .unwrap(),
+        WakeResult::NotFound
+    );
     // A wake resumes it: same ID, same token (Secret and hash), a new pod from the pool.
     assert_eq!(
-        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        wake(&s.client, &url, &id, Some(WAKE_TOKEN)).await.unwrap(),
         WakeResult::Accepted
     );
     let resumed = wait_phase(&s.client, "user", Phase::Ready).await;
@@ -176,7 +220,7 @@ async fn idle_pauses_and_a_wake_resumes_with_the_same_id_and_token() {
     assert_eq!(st.last_active_at, st.resumed_at);
     // A second wake (another gateway) finds it running and writes nothing.
     assert_eq!(
-        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        wake(&s.client, &url, &id, Some(WAKE_TOKEN)).await.unwrap(),
         WakeResult::Running
     );
     // The marker goes once it runs (the status write comes first).
@@ -239,7 +283,7 @@ async fn an_explicit_pause_holds_until_spec_paused_is_cleared() {
     );
     // Traffic cannot wake what its owner paused.
     assert_eq!(
-        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        wake(&s.client, &url, &id, Some(WAKE_TOKEN)).await.unwrap(),
         WakeResult::PausedBySpec
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -263,14 +307,18 @@ async fn a_standby_refuses_wakes() {
     let (endpoint, url) = wake_endpoint();
     let metrics = Metrics::new().unwrap();
     let _ctl = spawn_controller(
-        client,
+        client.clone(),
         cfg(None, endpoint),
         metrics.clone(),
         Leadership::standby(),
     );
     let e = loop {
         match WakeServiceClient::connect(url.clone()).await {
-            Ok(_) => break wake(&url, "abcdefgh", Some(WAKE_TOKEN)).await.unwrap_err(),
+            Ok(_) => {
+                break wake(&client, &url, "abcdefgh", Some(WAKE_TOKEN))
+                    .await
+                    .unwrap_err()
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
@@ -372,7 +420,7 @@ async fn files_on_a_per_sandbox_volume_survive_a_pause() {
         "the volume outlives the pod"
     );
     assert_eq!(
-        wake(&url, &id, Some(WAKE_TOKEN)).await.unwrap(),
+        wake(&s.client, &url, &id, Some(WAKE_TOKEN)).await.unwrap(),
         WakeResult::PausedBySpec
     );
     Api::<Sandbox>::namespaced(s.client.clone(), NS)

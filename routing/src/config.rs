@@ -92,6 +92,22 @@ pub struct GatewayConfig {
     pub max_streams_per_sandbox: u32,
     /// Requests held on a miss at once, all clients together (docs/design.md#limits).
     pub max_held_misses: usize,
+    /// Wake paused sandboxes on traffic (`"wake"`; None = off: no paused set, no wakes).
+    pub wake: Option<WakeConfig>,
+}
+
+/// How the gateway wakes paused sandboxes (`"wake"`, docs/design.md#pause-and-wake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeConfig {
+    /// `http://host:port` of the controller's WakeService. The host is resolved on every
+    /// attempt and every address asked: a headless Service name reaches every replica.
+    pub endpoint: String,
+    /// Sent as `authorization: Bearer <token>` (`token_file`, read once at load).
+    pub token: Option<BearerToken>,
+    /// How long a request is held for a wake before `503 sandbox_waking`.
+    pub timeout: Duration,
+    /// Requests held for wakes at once (all sandboxes); past it `429 too_many_wakes`.
+    pub max_held: usize,
 }
 
 /// Where and how often the module reports activity (`"activity_report"`).
@@ -137,6 +153,76 @@ struct RawConfig {
     max_streams_per_sandbox: u32,
     #[serde(default = "default_max_held_misses")]
     max_held_misses: usize,
+    #[serde(default)]
+    wake: Option<RawWake>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWake {
+    endpoint: String,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default = "default_wake_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_max_held_wakes")]
+    max_held: usize,
+}
+
+/// 30 s: a resume from a warm pool takes milliseconds, a cold pod with volumes seconds; past
+/// 30 s a client is better told to retry than kept waiting.
+fn default_wake_timeout_ms() -> u64 {
+    30_000
+}
+/// Held wakes cost what held misses cost; only requests with a valid token get one.
+fn default_max_held_wakes() -> usize {
+    10_000
+}
+/// The longest wake hold accepted: Envoy's default stream idle timeout is 5 minutes.
+pub const MAX_WAKE_TIMEOUT_MS: u64 = 240_000;
+
+fn wake(
+    raw: Option<RawWake>,
+    routes: &RouteSourceConfig,
+) -> Result<Option<WakeConfig>, ConfigError> {
+    let Some(w) = raw else { return Ok(None) };
+    if !matches!(routes, RouteSourceConfig::Kubernetes(_)) {
+        return Err(field_err(
+            "wake",
+            "needs route_source kubernetes (paused sandboxes are known from their Sandbox objects)",
+        ));
+    }
+    let host = w.endpoint.strip_prefix("http://").unwrap_or("");
+    if host.is_empty()
+        || host.contains('/')
+        || !host.contains(':')
+        || w.endpoint.bytes().any(|b| b.is_ascii_whitespace())
+    {
+        return Err(field_err(
+            "wake.endpoint",
+            format!("{:?} must look like http://host:port", w.endpoint),
+        ));
+    }
+    if !(1000..=MAX_WAKE_TIMEOUT_MS).contains(&w.timeout_ms) {
+        return Err(field_err(
+            "wake.timeout_ms",
+            format!("must be from 1000 to {MAX_WAKE_TIMEOUT_MS}"),
+        ));
+    }
+    if w.max_held == 0 || w.max_held > 1_000_000 {
+        return Err(field_err("wake.max_held", "must be from 1 to 1000000"));
+    }
+    let token = w
+        .token_file
+        .map(|p| BearerToken::from_file(&p))
+        .transpose()
+        .map_err(|e| field_err("wake.token_file", e.to_string()))?;
+    Ok(Some(WakeConfig {
+        endpoint: w.endpoint,
+        token,
+        timeout: Duration::from_millis(w.timeout_ms),
+        max_held: w.max_held,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -397,7 +483,9 @@ impl GatewayConfig {
                 })
             }
         };
+        let wake = wake(raw.wake, &routes)?;
         Ok(GatewayConfig {
+            wake,
             keys: KeyConfig {
                 headers,
                 host_domains: raw.host_domains,
@@ -524,6 +612,29 @@ mod tests {
                 kubeconfig: None,
                 default_port: crate::contract::DEFAULT_PORT,
             })
+        );
+    }
+
+    #[test]
+    fn wake_defaults() {
+        let c = parse(
+            r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "http://ctl.ns.svc:9090"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.wake,
+            Some(WakeConfig {
+                endpoint: "http://ctl.ns.svc:9090".into(),
+                token: None,
+                timeout: Duration::from_secs(30),
+                max_held: 10_000,
+            })
+        );
+        assert_eq!(
+            parse(r#"{"route_source": {"type": "kubernetes"}}"#)
+                .unwrap()
+                .wake,
+            None
         );
     }
 
@@ -660,6 +771,30 @@ mod tests {
             (
                 r#"{"route_source": {"type": "kubernetes", "bogus": 1}}"#,
                 "bogus",
+            ),
+            (
+                r#"{"route_source": {"type": "file", "path": "/r"}, "wake": {"endpoint": "http://c:9090"}}"#,
+                "wake",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "c:9090"}}"#,
+                "wake.endpoint",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "http://c"}}"#,
+                "wake.endpoint",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "http://c:1", "timeout_ms": 999999}}"#,
+                "wake.timeout_ms",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "http://c:1", "max_held": 0}}"#,
+                "wake.max_held",
+            ),
+            (
+                r#"{"route_source": {"type": "kubernetes"}, "wake": {"endpoint": "http://c:1", "token_file": "/nonexistent/t"}}"#,
+                "wake.token_file",
             ),
         ];
         for (json, field) in cases {

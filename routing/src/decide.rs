@@ -11,7 +11,7 @@ use crate::activity::StreamSlot;
 use crate::config::{GatewayConfig, PathPrefixMode, UpstreamHost};
 use crate::key::{extract, RequestView, SandboxKey, MAX_ID_LEN};
 pub use crate::reply::ReplyCode;
-use crate::table::{Route, RouteTable};
+use crate::table::{Paused, Route, RouteTable};
 use crate::token::token_matches;
 use arrayvec::ArrayString;
 use std::sync::Arc;
@@ -49,11 +49,23 @@ pub enum Decision {
     Ready(Ready),
     /// No route yet: wait up to `miss_hold` for it, then call [`decide_after_hold`].
     Hold(SandboxId),
+    /// The sandbox is paused and the request may use it (its token checked): hold it while the
+    /// controller wakes it, up to `wake.timeout`, then call [`decide_after_wake`].
+    Wake(SandboxId),
     /// Send the request to `route` (on `port`, or the route's default port).
     Forward(Forward),
 }
 
-/// What to do with a request after its miss hold: there is no second hold.
+/// What to do with a request after its miss hold: there is no second miss hold, but the
+/// sandbox may have turned out to be paused (its route vanished before its marker arrived).
+#[derive(Debug)]
+pub enum AfterHold {
+    Reply(ErrorReply),
+    Wake(SandboxId),
+    Forward(Forward),
+}
+
+/// What to do with a request after its wake hold: it is answered or forwarded now.
 #[derive(Debug)]
 pub enum FinalDecision {
     Reply(ErrorReply),
@@ -79,7 +91,8 @@ impl ErrorReply {
         }
     }
 
-    fn about(code: ReplyCode, id: SandboxId, cfg: &GatewayConfig) -> Self {
+    /// A reply about sandbox `id`, with `Retry-After` when the code retries.
+    pub fn about(code: ReplyCode, id: SandboxId, cfg: &GatewayConfig) -> Self {
         ErrorReply {
             code,
             id: Some(id),
@@ -183,16 +196,89 @@ pub struct HostRewrite {
 /// The first look at a request: a miss is held when `miss_hold` is not zero.
 pub fn decide<R: RequestView + ?Sized>(cfg: &GatewayConfig, table: &RouteTable, h: &R) -> Decision {
     match resolve(cfg, table, h) {
-        Ok(found) => match admit(cfg, h, found) {
-            FinalDecision::Reply(r) => Decision::Reply(r),
-            FinalDecision::Forward(f) => Decision::Forward(f),
+        Ok(found) => match paused_route(table, &found) {
+            Some(p) => wake_or_refuse(cfg, h, found.id, &p).into(),
+            None => admit(cfg, h, found).into(),
         },
         Err(Early::Reply(r)) if r.code == ReplyCode::MissingSandboxId && is_ready_probe(h) => {
             readiness(cfg, table)
         }
         Err(Early::Reply(r)) => Decision::Reply(r),
-        Err(Early::Miss(id)) if !cfg.miss_hold.is_zero() => Decision::Hold(id),
-        Err(Early::Miss(id)) => Decision::Reply(miss(cfg, table, id)),
+        Err(Early::Miss(id)) => match table.paused(&id) {
+            Some(p) => wake_or_refuse(cfg, h, id, &p).into(),
+            None if !cfg.miss_hold.is_zero() => Decision::Hold(id),
+            None => Decision::Reply(miss(cfg, table, id)),
+        },
+    }
+}
+
+impl From<FinalDecision> for Decision {
+    fn from(d: FinalDecision) -> Self {
+        match d {
+            FinalDecision::Reply(r) => Decision::Reply(r),
+            FinalDecision::Forward(f) => Decision::Forward(f),
+        }
+    }
+}
+
+impl From<AfterHold> for Decision {
+    fn from(d: AfterHold) -> Self {
+        match d {
+            AfterHold::Reply(r) => Decision::Reply(r),
+            AfterHold::Wake(id) => Decision::Wake(id),
+            AfterHold::Forward(f) => Decision::Forward(f),
+        }
+    }
+}
+
+impl From<FinalDecision> for AfterHold {
+    fn from(d: FinalDecision) -> Self {
+        match d {
+            FinalDecision::Reply(r) => AfterHold::Reply(r),
+            FinalDecision::Forward(f) => AfterHold::Forward(f),
+        }
+    }
+}
+
+/// A route that is not Ready while its sandbox is paused (a resume under way): the request is
+/// a wake, not a `sandbox_not_ready`.
+fn paused_route(table: &RouteTable, found: &Found<'_>) -> Option<Arc<Paused>> {
+    if found.route.spec.ready {
+        return None;
+    }
+    table.paused(&found.id)
+}
+
+/// A request for a paused sandbox: its token is checked exactly as its route would check it
+/// (nobody wakes a sandbox they could not have used), then a wake, or `409 sandbox_paused` when
+/// its owner paused it.
+fn wake_or_refuse<R: RequestView + ?Sized>(
+    cfg: &GatewayConfig,
+    h: &R,
+    id: SandboxId,
+    p: &Paused,
+) -> AfterHold {
+    if let Some(code) = token_refusal(cfg, h, p.token_sha256.as_ref()) {
+        return AfterHold::Reply(ErrorReply::about(code, id, cfg));
+    }
+    if !p.wakeable {
+        return AfterHold::Reply(ErrorReply::about(ReplyCode::SandboxPaused, id, cfg));
+    }
+    AfterHold::Wake(id)
+}
+
+/// Why the request's token does not open a sandbox whose token hashes to `expected` (`None`:
+/// it needs none). A token sent twice is never valid, whichever copy is right.
+fn token_refusal<R: RequestView + ?Sized>(
+    cfg: &GatewayConfig,
+    h: &R,
+    expected: Option<&[u8; 32]>,
+) -> Option<ReplyCode> {
+    let expected = expected?;
+    match h.header(&cfg.access_token_header) {
+        Ok(Some(t)) if token_matches(t, expected) => None,
+        Ok(None) => Some(ReplyCode::MissingAccessToken),
+        _ => Some(ReplyCode::InvalidAccessToken),
     }
 }
 
@@ -225,10 +311,37 @@ pub fn decide_after_hold<R: RequestView + ?Sized>(
     cfg: &GatewayConfig,
     table: &RouteTable,
     h: &R,
+) -> AfterHold {
+    match resolve(cfg, table, h) {
+        Ok(found) => match paused_route(table, &found) {
+            Some(p) => wake_or_refuse(cfg, h, found.id, &p),
+            None => admit(cfg, h, found).into(),
+        },
+        Err(Early::Reply(r)) => AfterHold::Reply(r),
+        Err(Early::Miss(id)) => match table.paused(&id) {
+            Some(p) => wake_or_refuse(cfg, h, id, &p),
+            None => AfterHold::Reply(miss(cfg, table, id)),
+        },
+    }
+}
+
+/// The last look, once a wake hold has ended (the route is Ready, the marker went, or the bound
+/// passed): still paused is `503 sandbox_waking` (the wake goes on; retry), a sandbox that is
+/// neither routed nor paused any more is a miss (404 once the routes are synced).
+pub fn decide_after_wake<R: RequestView + ?Sized>(
+    cfg: &GatewayConfig,
+    table: &RouteTable,
+    h: &R,
 ) -> FinalDecision {
     match resolve(cfg, table, h) {
+        Ok(found) if paused_route(table, &found).is_some() => {
+            FinalDecision::Reply(ErrorReply::about(ReplyCode::SandboxWaking, found.id, cfg))
+        }
         Ok(found) => admit(cfg, h, found),
         Err(Early::Reply(r)) => FinalDecision::Reply(r),
+        Err(Early::Miss(id)) if table.paused(&id).is_some() => {
+            FinalDecision::Reply(ErrorReply::about(ReplyCode::SandboxWaking, id, cfg))
+        }
         Err(Early::Miss(id)) => FinalDecision::Reply(miss(cfg, table, id)),
     }
 }
@@ -278,18 +391,10 @@ fn admit<R: RequestView + ?Sized>(cfg: &GatewayConfig, h: &R, found: Found<'_>) 
     if !route.spec.ready {
         return FinalDecision::Reply(ErrorReply::about(ReplyCode::SandboxNotReady, id, cfg));
     }
-    // A token sent twice is `Err(DuplicateHeader)`: never valid, whichever copy is right.
-    let token = h.header(&cfg.access_token_header);
-    if let Some(expected) = &route.spec.token_sha256 {
-        let refused = match token {
-            Ok(Some(t)) if token_matches(t, expected) => None,
-            Ok(None) => Some(ReplyCode::MissingAccessToken),
-            _ => Some(ReplyCode::InvalidAccessToken),
-        };
-        if let Some(code) = refused {
-            return FinalDecision::Reply(ErrorReply::about(code, id, cfg));
-        }
+    if let Some(code) = token_refusal(cfg, h, route.spec.token_sha256.as_ref()) {
+        return FinalDecision::Reply(ErrorReply::about(code, id, cfg));
     }
+    let token = h.header(&cfg.access_token_header);
     let (new_path, forwarded_prefix) = match key.rewritten_path {
         Some(rw) if cfg.path_prefix_mode == PathPrefixMode::Strip => {
             (Some(rw.to_path()), HeaderChange::Set(rw.prefix.to_vec()))
@@ -414,6 +519,13 @@ mod tests {
         }
     }
 
+    fn after_reply(d: AfterHold) -> ErrorReply {
+        match d {
+            AfterHold::Reply(r) => r,
+            other => panic!("want a reply, got {other:?}"),
+        }
+    }
+
     fn forward(d: Decision) -> Forward {
         match d {
             Decision::Forward(f) => f,
@@ -430,11 +542,11 @@ mod tests {
         assert_eq!(r.id, None);
         let nope = req(&[("x-sandbox-id", "nope")]);
         assert!(matches!(decide(&cfg, &t, &nope), Decision::Hold(_)));
-        let r = final_reply(decide_after_hold(&cfg, &t, &nope));
+        let r = after_reply(decide_after_hold(&cfg, &t, &nope));
         assert_eq!((r.status(), r.code), (503, RoutesNotSynced));
         assert_eq!(r.retry_after_secs, Some(5));
         t.mark_synced();
-        let r = final_reply(decide_after_hold(&cfg, &t, &nope));
+        let r = after_reply(decide_after_hold(&cfg, &t, &nope));
         assert_eq!(
             (r.status(), r.code, r.retry_after_secs),
             (404, SandboxNotFound, None)
@@ -461,7 +573,7 @@ mod tests {
         // The second look forwards the same way once the route is there.
         assert!(matches!(
             decide_after_hold(&cfg, &t, &req(&ok)),
-            FinalDecision::Forward(_)
+            AfterHold::Forward(_)
         ));
         let dst = [("x-sandbox-id", "a"), (ORIGINAL_DST_HEADER, "1.2.3.4:5")];
         let f = forward(decide(&cfg, &t, &req(&dst)));
@@ -646,6 +758,96 @@ mod tests {
         assert_eq!(r.code, ReplyCode::InvalidSandboxPort);
     }
 
+    /// A paused sandbox: its token is checked before any wake; an owner's pause is a 409; a
+    /// route that is not Ready while paused is a wake too; after the wake hold, still paused is
+    /// `sandbox_waking`, gone is a miss.
+    #[test]
+    fn paused_sandboxes_wake_only_with_their_token() {
+        use ReplyCode::*;
+        let (cfg, t) = setup();
+        t.mark_synced();
+        let hash = crate::token::parse_sha256_hex(
+            "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b",
+        );
+        let paused = |wakeable| Paused {
+            token_sha256: hash,
+            wakeable,
+        };
+        t.set_paused("zz", paused(true));
+        let with = [("x-sandbox-id", "zz"), ("x-access-token", "secret")];
+        let without = [("x-sandbox-id", "zz")];
+        let wrong = [("x-sandbox-id", "zz"), ("x-access-token", "nope")];
+        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(id) if id.as_str() == "zz"));
+        assert_eq!(
+            reply(decide(&cfg, &t, &req(&without))).code,
+            MissingAccessToken
+        );
+        assert_eq!(
+            reply(decide(&cfg, &t, &req(&wrong))).code,
+            InvalidAccessToken
+        );
+        // A miss hold that ends on the marker becomes a wake, with the same token rule.
+        assert!(matches!(
+            decide_after_hold(&cfg, &t, &req(&with)),
+            AfterHold::Wake(_)
+        ));
+        assert_eq!(
+            after_reply(decide_after_hold(&cfg, &t, &req(&wrong))).code,
+            InvalidAccessToken
+        );
+        // Still paused after the hold: waking, retry.
+        let r = final_reply(decide_after_wake(&cfg, &t, &req(&with)));
+        assert_eq!(
+            (r.status(), r.code, r.retry_after_secs),
+            (503, SandboxWaking, Some(5))
+        );
+        // Paused by its owner: 409, never a wake (but a bad token is still a 401 first).
+        t.set_paused("zz", paused(false));
+        let r = reply(decide(&cfg, &t, &req(&with)));
+        assert_eq!(
+            (r.status(), r.code, r.retry_after_secs),
+            (409, SandboxPaused, None)
+        );
+        assert_eq!(
+            reply(decide(&cfg, &t, &req(&wrong))).code,
+            InvalidAccessToken
+        );
+        // A resume under way (a route, not Ready yet) is still a wake; a Ready route forwards.
+        t.set_paused("zz", paused(true));
+        let spec = |ready| RouteSpec {
+            id: "zz".into(),
+            ip: "10.0.0.7".parse().unwrap(),
+            port: 80,
+            ready,
+            token_sha256: hash,
+            pod_uid: None,
+            resource_version: 0,
+        };
+        t.upsert(spec(false));
+        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(_)));
+        t.upsert(spec(true));
+        assert!(matches!(
+            decide(&cfg, &t, &req(&with)),
+            Decision::Forward(_)
+        ));
+        assert!(matches!(
+            decide_after_wake(&cfg, &t, &req(&with)),
+            FinalDecision::Forward(_)
+        ));
+        // Neither routed nor paused (deleted meanwhile): a plain 404.
+        t.remove("zz");
+        t.clear_paused("zz");
+        assert_eq!(
+            final_reply(decide_after_wake(&cfg, &t, &req(&with))).code,
+            SandboxNotFound
+        );
+        // Unknown IDs never look paused.
+        assert!(matches!(
+            decide(&cfg, &t, &req(&[("x-sandbox-id", "other")])),
+            Decision::Hold(_)
+        ));
+    }
+
     #[test]
     fn no_hold_when_the_hold_is_off() {
         let (mut cfg, t) = setup();
@@ -690,8 +892,11 @@ mod tests {
             ReplyCode::SandboxNotReady => 7,
             ReplyCode::RoutesNotSynced => 8,
             ReplyCode::SandboxBusy => 9,
-            ReplyCode::RoutingFailed => 10,
-            ReplyCode::InternalError => 11,
+            ReplyCode::SandboxWaking => 10,
+            ReplyCode::TooManyWakes => 11,
+            ReplyCode::SandboxPaused => 12,
+            ReplyCode::RoutingFailed => 13,
+            ReplyCode::InternalError => 14,
         };
         for (i, c) in ReplyCode::ALL.iter().enumerate() {
             assert_eq!(index(*c), i, "{c:?}");

@@ -194,15 +194,20 @@ impl HoldBook {
 }
 
 impl Hold {
-    /// Waits up to `timeout` for `id`'s route, or until this hold is displaced.
+    /// Waits up to `timeout` for `id`'s route (or its paused marker: the route of a sandbox that
+    /// is pausing can vanish before its marker arrives, and the request then becomes a wake), or
+    /// until this hold is displaced.
     pub async fn wait(&self, table: &RouteTable, id: &str, timeout: Duration) -> HoldEnd {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let known = |t: &RouteTable| t.get(id).is_some() || t.paused(id).is_some();
         tokio::select! {
             // Displacement first: a displaced hold must not linger.
             biased;
             _ = self.signal.notified() => HoldEnd::Displaced,
-            r = table.wait_for(id, timeout) => match r {
-                Some(_) => HoldEnd::Arrived,
-                None => HoldEnd::Expired,
+            known = table.wait_until(id, deadline, known) => if known {
+                HoldEnd::Arrived
+            } else {
+                HoldEnd::Expired
             },
         }
     }

@@ -2,6 +2,9 @@
 //! with jitter) on labelled Pods, feeding the route table through `PodIndex`. Pods are read as
 //! [`RoutePod`]s (only the fields a route needs), listed in pages of 500.
 //!
+//! With `wake` configured it also watches paused `Sandbox` objects (label `sandboxgateway.io/paused`,
+//! metadata only) into the table's paused set; the table is synced once both watches are.
+//!
 //! Fault behaviour: the table keeps serving the last known routes while the API server is
 //! unreachable or a watch is being re-established; a relist replaces the view only once it is
 //! complete. Memory stays flat while disconnected: the watcher buffers nothing, and the index
@@ -10,6 +13,7 @@
 use crate::config::KubeSourceConfig;
 use crate::contract::{PORT_ANNOTATION, TOKEN_SHA256_ANNOTATION};
 use crate::key::validate_id;
+use crate::paused::{paused_entry, PausedSandbox, PAUSED_LABEL};
 use crate::pod_index::{Change, PodIndex, PodInfo};
 use crate::route_pod::RoutePod;
 use crate::stats::SourceStats;
@@ -19,7 +23,7 @@ use futures_util::StreamExt;
 use kube::runtime::watcher::{self, Event, ListSemantic};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +144,76 @@ fn apply(table: &RouteTable, changes: Vec<Change>) {
     }
 }
 
+/// One event of either watch.
+enum Ev {
+    Pod(Result<Event<RoutePod>, watcher::Error>),
+    Paused(Result<Event<PausedSandbox>, watcher::Error>),
+}
+
+/// Which watch, over which namespace (`None`: all): each must list once before the table is
+/// synced.
+type Scope = (bool, Option<String>);
+
+/// The paused set as the marker watch builds it: which IDs each `Sandbox` (by UID) marks, and
+/// the UIDs seen by a relist in progress.
+#[derive(Default)]
+struct PausedView {
+    by_uid: HashMap<String, String>,
+    relist: HashMap<Option<String>, HashSet<String>>,
+    namespace_of: HashMap<String, String>,
+}
+
+impl PausedView {
+    fn apply(&mut self, table: &RouteTable, s: &PausedSandbox, scope: &Option<String>) {
+        let Some(uid) = s.metadata.uid.clone() else {
+            return;
+        };
+        if let Some(seen) = self.relist.get_mut(scope) {
+            seen.insert(uid.clone());
+        }
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        self.namespace_of.insert(uid.clone(), ns);
+        match paused_entry(s) {
+            Some((id, p)) => {
+                if let Some(old) = self.by_uid.insert(uid, id.clone()) {
+                    if old != id {
+                        table.clear_paused(&old);
+                    }
+                }
+                table.set_paused(&id, p);
+            }
+            None => self.delete(table, &uid),
+        }
+    }
+
+    fn delete(&mut self, table: &RouteTable, uid: &str) {
+        self.namespace_of.remove(uid);
+        if let Some(id) = self.by_uid.remove(uid) {
+            table.clear_paused(&id);
+        }
+    }
+
+    fn end_relist(&mut self, table: &RouteTable, scope: &Option<String>) {
+        let Some(seen) = self.relist.remove(scope) else {
+            return;
+        };
+        let gone: Vec<String> = self
+            .by_uid
+            .keys()
+            .filter(|uid| {
+                !seen.contains(*uid)
+                    && scope
+                        .as_ref()
+                        .is_none_or(|ns| self.namespace_of.get(*uid) == Some(ns))
+            })
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.delete(table, &uid);
+        }
+    }
+}
+
 /// Watches until the runtime shuts down. Never returns on API errors: the watcher backs off and
 /// retries, and the table keeps its routes meanwhile.
 pub async fn run(
@@ -147,6 +221,17 @@ pub async fn run(
     access: Access,
     table: Arc<RouteTable>,
     stats: Arc<SourceStats>,
+) {
+    run_with(cfg, access, table, stats, false).await
+}
+
+/// [`run`], and with `paused` the paused-marker watch too.
+pub async fn run_with(
+    cfg: KubeSourceConfig,
+    access: Access,
+    table: Arc<RouteTable>,
+    stats: Arc<SourceStats>,
+    paused: bool,
 ) {
     let client = loop {
         let config = match &access {
@@ -176,21 +261,80 @@ pub async fn run(
     } else {
         cfg.namespaces.iter().cloned().map(Some).collect()
     };
-    let streams = scopes.iter().map(|scope| {
+    let mut streams: Vec<futures_util::stream::BoxStream<'static, (Scope, Ev)>> = Vec::new();
+    for scope in &scopes {
         let api: Api<RoutePod> = match scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        let scope = scope.clone();
-        watcher::watcher(api, wc.clone())
-            .default_backoff()
-            .map(move |ev| (scope.clone(), ev))
-            .boxed()
-    });
+        let key: Scope = (false, scope.clone());
+        streams.push(
+            watcher::watcher(api, wc.clone())
+                .default_backoff()
+                .map(move |ev| (key.clone(), Ev::Pod(ev)))
+                .boxed(),
+        );
+        if paused {
+            let api: Api<PausedSandbox> = match scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let pc = watcher::Config::default()
+                .labels(PAUSED_LABEL)
+                .list_semantic(ListSemantic::MostRecent);
+            let key: Scope = (true, scope.clone());
+            streams.push(
+                watcher::watcher(api, pc)
+                    .default_backoff()
+                    .map(move |ev| (key.clone(), Ev::Paused(ev)))
+                    .boxed(),
+            );
+        }
+    }
     let mut events = futures_util::stream::select_all(streams);
     let mut index = PodIndex::default();
-    let mut unsynced: HashSet<Option<String>> = scopes.iter().cloned().collect();
-    while let Some((scope, ev)) = events.next().await {
+    let mut marks = PausedView::default();
+    let mut unsynced: HashSet<Scope> = scopes
+        .iter()
+        .flat_map(|s| [(false, s.clone()), (true, s.clone())])
+        .filter(|(p, _)| paused || !p)
+        .collect();
+    while let Some((key, ev)) = events.next().await {
+        let ev = match ev {
+            Ev::Pod(ev) => ev,
+            Ev::Paused(ev) => {
+                let scope = &key.1;
+                match ev {
+                    Ok(Event::Init) => {
+                        marks.relist.insert(scope.clone(), HashSet::new());
+                    }
+                    Ok(Event::InitApply(s)) | Ok(Event::Apply(s)) => marks.apply(&table, &s, scope),
+                    Ok(Event::Delete(s)) => {
+                        if let Some(uid) = s.metadata.uid.as_deref() {
+                            marks.delete(&table, uid);
+                        }
+                    }
+                    Ok(Event::InitDone) => {
+                        marks.end_relist(&table, scope);
+                        if unsynced.remove(&key) && unsynced.is_empty() {
+                            table.mark_synced();
+                            tracing::info!(
+                                routes = table.len(),
+                                paused = table.paused_len(),
+                                "Kubernetes routes synced"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, namespace = ?scope,
+                            "paused-sandbox watch failed; keeping the current set and retrying");
+                    }
+                }
+                continue;
+            }
+        };
+        let scope = key.1.clone();
         let changes = match ev {
             Ok(Event::Init) => {
                 stats.relists.fetch_add(1, Ordering::Relaxed);
@@ -210,7 +354,7 @@ pub async fn run(
             },
             Ok(Event::InitDone) => {
                 let changes = index.end_relist(scope.as_deref());
-                if unsynced.remove(&scope) && unsynced.is_empty() {
+                if unsynced.remove(&key) && unsynced.is_empty() {
                     // Apply first, then open the doors: misses now mean "no such sandbox".
                     apply(&table, changes);
                     table.mark_synced();

@@ -14,6 +14,7 @@ pub mod file_source;
 pub mod holds;
 pub mod key;
 pub mod kube_source;
+pub mod paused;
 pub mod pod_index;
 pub mod reply;
 pub mod route_pod;
@@ -21,6 +22,7 @@ pub mod source;
 pub mod stats;
 pub mod table;
 pub mod token;
+pub mod wake;
 
 pub use config::{ConfigError, GatewayConfig};
 pub use key::{extract, KeyConfig, KeyError, KeySource, RequestView, SandboxKey};

@@ -16,12 +16,15 @@ pub enum ReplyCode {
     SandboxNotReady,
     RoutesNotSynced,
     SandboxBusy,
+    SandboxWaking,
+    TooManyWakes,
+    SandboxPaused,
     RoutingFailed,
     InternalError,
 }
 
 impl ReplyCode {
-    pub const ALL: [ReplyCode; 12] = [
+    pub const ALL: [ReplyCode; 15] = [
         ReplyCode::MissingSandboxId,
         ReplyCode::InvalidSandboxId,
         ReplyCode::InvalidSandboxPort,
@@ -32,6 +35,9 @@ impl ReplyCode {
         ReplyCode::SandboxNotReady,
         ReplyCode::RoutesNotSynced,
         ReplyCode::SandboxBusy,
+        ReplyCode::SandboxWaking,
+        ReplyCode::TooManyWakes,
+        ReplyCode::SandboxPaused,
         ReplyCode::RoutingFailed,
         ReplyCode::InternalError,
     ];
@@ -42,8 +48,9 @@ impl ReplyCode {
             MissingSandboxId | InvalidSandboxId | InvalidSandboxPort | DuplicateHeader => 400,
             MissingAccessToken | InvalidAccessToken => 401,
             SandboxNotFound => 404,
-            SandboxBusy => 429,
-            SandboxNotReady | RoutesNotSynced => 503,
+            SandboxBusy | TooManyWakes => 429,
+            SandboxPaused => 409,
+            SandboxNotReady | RoutesNotSynced | SandboxWaking => 503,
             RoutingFailed | InternalError => 500,
         }
     }
@@ -62,6 +69,9 @@ impl ReplyCode {
             SandboxNotReady => "sandbox_not_ready",
             RoutesNotSynced => "routes_not_synced",
             SandboxBusy => "sandbox_busy",
+            SandboxWaking => "sandbox_waking",
+            TooManyWakes => "too_many_wakes",
+            SandboxPaused => "sandbox_paused",
             RoutingFailed => "routing_failed",
             InternalError => "internal_error",
         }
@@ -80,6 +90,11 @@ impl ReplyCode {
             SandboxNotReady => "the sandbox is not ready yet",
             RoutesNotSynced => "the gateway has not loaded its routes yet",
             SandboxBusy => "the sandbox has too many requests in flight at this gateway",
+            SandboxWaking => "the sandbox is paused and waking up; retry shortly",
+            TooManyWakes => "too many requests are waiting for sandboxes to wake at this gateway",
+            SandboxPaused => {
+                "the sandbox is paused by its owner (spec.paused); resume it to use it"
+            }
             RoutingFailed => "Envoy rejected the upstream address",
             InternalError => "the gateway failed to process this request",
         }
@@ -89,7 +104,11 @@ impl ReplyCode {
     pub fn retries(self) -> bool {
         matches!(
             self,
-            ReplyCode::SandboxNotReady | ReplyCode::RoutesNotSynced | ReplyCode::SandboxBusy
+            ReplyCode::SandboxNotReady
+                | ReplyCode::RoutesNotSynced
+                | ReplyCode::SandboxBusy
+                | ReplyCode::SandboxWaking
+                | ReplyCode::TooManyWakes
         )
     }
 
@@ -105,8 +124,9 @@ impl ReplyCode {
             }
             MissingAccessToken | InvalidAccessToken => GRPC_UNAUTHENTICATED,
             SandboxNotFound => GRPC_NOT_FOUND,
-            SandboxBusy => GRPC_RESOURCE_EXHAUSTED,
-            SandboxNotReady | RoutesNotSynced => GRPC_UNAVAILABLE,
+            SandboxBusy | TooManyWakes => GRPC_RESOURCE_EXHAUSTED,
+            SandboxPaused => GRPC_FAILED_PRECONDITION,
+            SandboxNotReady | RoutesNotSynced | SandboxWaking => GRPC_UNAVAILABLE,
             RoutingFailed | InternalError => GRPC_INTERNAL,
         }
     }
@@ -115,6 +135,7 @@ impl ReplyCode {
 pub const GRPC_INVALID_ARGUMENT: u32 = 3;
 pub const GRPC_NOT_FOUND: u32 = 5;
 pub const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
+pub const GRPC_FAILED_PRECONDITION: u32 = 9;
 pub const GRPC_INTERNAL: u32 = 13;
 pub const GRPC_UNAVAILABLE: u32 = 14;
 pub const GRPC_UNAUTHENTICATED: u32 = 16;

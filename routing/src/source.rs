@@ -18,12 +18,14 @@ pub enum SourceError {
 
 /// Starts the configured source feeding `table`. A file source loads synchronously (a missing or
 /// invalid file is an error); a Kubernetes source checks its config and watches in the
-/// background. The table is marked synced once the first full view is applied.
+/// background (with `watch_paused`, the paused-sandbox markers too). The table is marked synced
+/// once the first full view is applied.
 pub fn start(
     cfg: &RouteSourceConfig,
     table: Arc<RouteTable>,
     stats: Arc<SourceStats>,
     rt: &tokio::runtime::Handle,
+    watch_paused: bool,
 ) -> Result<(), SourceError> {
     match cfg {
         RouteSourceConfig::File {
@@ -38,7 +40,13 @@ pub fn start(
             // Only the config is checked now; an unreachable API server must not stop Envoy
             // from starting (requests get 503 routes_not_synced until the first list lands).
             let access = crate::kube_source::access(kcfg)?;
-            rt.spawn(crate::kube_source::run(kcfg.clone(), access, table, stats));
+            rt.spawn(crate::kube_source::run_with(
+                kcfg.clone(),
+                access,
+                table,
+                stats,
+                watch_paused,
+            ));
         }
     }
     Ok(())

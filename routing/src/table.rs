@@ -72,9 +72,22 @@ impl Route {
     }
 }
 
+/// A paused sandbox as the gateway knows it (the controller's marker on its `Sandbox`): no route,
+/// but a request with its token wakes it (docs/design.md#pause-and-wake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    /// The token its routes carried; `None`: it needs none.
+    pub token_sha256: Option<[u8; 32]>,
+    /// False when its owner paused it (`spec.paused`): traffic does not wake it.
+    pub wakeable: bool,
+}
+
 /// The shared route table.
 pub struct RouteTable {
     routes: papaya::HashMap<Arc<str>, Arc<Route>, ahash::RandomState>,
+    /// Paused sandboxes by ID. Read only on a miss (or a route that is not ready), so the hit
+    /// path never touches it.
+    paused: papaya::HashMap<Arc<str>, Arc<Paused>, ahash::RandomState>,
     activity: ActivityTracker,
     /// Requests held on a miss, by sandbox ID: concurrent misses for one ID share one entry, and
     /// an upsert wakes only the requests waiting for that ID.
@@ -96,6 +109,7 @@ impl RouteTable {
             // Unbounded on purpose: evicting a live route would turn into false 404s. Size is
             // bounded by the route source (one entry per sandbox).
             routes: papaya::HashMap::with_hasher(ahash::RandomState::new()),
+            paused: papaya::HashMap::with_hasher(ahash::RandomState::new()),
             activity: ActivityTracker::default(),
             waiters: Mutex::new(HashMap::new()),
             synced: AtomicBool::new(false),
@@ -130,11 +144,70 @@ impl RouteTable {
         // One atomic swap: a concurrent reader gets the old route or the new one, never neither.
         routes.insert(Arc::clone(&id), Arc::new(Route::new(spec, cell)));
         drop(routes);
+        self.notify(&id);
+        true
+    }
+
+    /// Wakes the requests held for `id` (they look again).
+    fn notify(&self, id: &str) {
         let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = waiters.get(&id) {
+        if let Some(n) = waiters.get(id) {
             n.notify_waiters();
         }
+    }
+
+    /// Records `id` as paused. Returns false when nothing changed.
+    pub fn set_paused(&self, id: &str, p: Paused) -> bool {
+        let paused = self.paused.pin();
+        if paused.get(id).is_some_and(|old| **old == p) {
+            return false;
+        }
+        paused.insert(id.into(), Arc::new(p));
+        drop(paused);
+        self.notify(id);
         true
+    }
+
+    /// `id` is no longer paused (resumed, or deleted).
+    pub fn clear_paused(&self, id: &str) -> bool {
+        let removed = self.paused.pin().remove(id).is_some();
+        if removed {
+            self.notify(id);
+        }
+        removed
+    }
+
+    #[inline]
+    pub fn paused(&self, id: &str) -> Option<Arc<Paused>> {
+        self.paused.pin().get(id).map(Arc::clone)
+    }
+
+    /// Paused sandboxes known.
+    pub fn paused_len(&self) -> u64 {
+        self.paused.len() as u64
+    }
+
+    /// Waits until `done(self)` holds, or `deadline`; returns whether it holds. Woken by every
+    /// route and paused-marker change for `id`, never polled.
+    pub async fn wait_until(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+        done: impl Fn(&RouteTable) -> bool,
+    ) -> bool {
+        let waiter = Waiter::register(self, id);
+        loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            // Register before checking so a change between the check and the await wakes us.
+            notified.as_mut().enable();
+            if done(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return done(self);
+            }
+        }
     }
 
     /// Removes a route; in-flight requests that already hold it finish, new ones miss.
@@ -166,19 +239,8 @@ impl RouteTable {
     /// miss: right after a claim the route may be milliseconds away.
     pub async fn wait_for(&self, id: &str, timeout: Duration) -> Option<Arc<Route>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let waiter = Waiter::register(self, id);
-        loop {
-            let notified = waiter.notify.notified();
-            tokio::pin!(notified);
-            // Register before checking so an insert between the check and the await wakes us.
-            notified.as_mut().enable();
-            if let Some(r) = self.get(id) {
-                return Some(r);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.get(id);
-            }
-        }
+        self.wait_until(id, deadline, |t| t.get(id).is_some()).await;
+        self.get(id)
     }
 }
 

@@ -25,7 +25,14 @@ fn syncs_labelled_pods_from_the_current_cluster() {
         default_port: 8080,
     });
     let stats = Arc::new(SourceStats::default());
-    routing::source::start(&cfg, Arc::clone(&table), Arc::clone(&stats), rt.handle()).unwrap();
+    routing::source::start(
+        &cfg,
+        Arc::clone(&table),
+        Arc::clone(&stats),
+        rt.handle(),
+        false,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !table.is_synced() {
         assert!(Instant::now() < deadline, "no initial list within 60 s");

@@ -1,0 +1,263 @@
+//! Waking paused sandboxes (docs/design.md#pause-and-wake), shared by the Envoy module and
+//! sandbox-extproc: the bound on held wakes, one wake RPC in flight per sandbox (single flight),
+//! and the hold itself, which waits on the route table, never polls.
+//!
+//! A held request only waits for the table: its sandbox's route turning Ready, or its paused
+//! marker going away. The RPC runs beside it, once per sandbox however many requests are held:
+//! it asks every address the WakeService endpoint resolves to (only the controller's leader
+//! accepts), re-asks every [`REASK`] while the sandbox is still paused (a controller that
+//! failed over mid-wake learns of it again), and retries failures with backoff until the hold's
+//! bound. Everything runs on the gateway's own runtime: never on an Envoy worker.
+
+use crate::config::WakeConfig;
+use crate::table::RouteTable;
+use futures_util::future::{select_ok, BoxFuture, FutureExt};
+use sandbox_gateway_proto::v1::wake_response::Result as WakeResult;
+use sandbox_gateway_proto::v1::wake_service_client::WakeServiceClient;
+use sandbox_gateway_proto::v1::WakeRequest;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+/// How often a wake is asked again while its sandbox stays paused.
+pub const REASK: Duration = Duration::from_secs(2);
+/// Deadline of one Wake call to one address.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Channels kept (one per controller address seen); more means the addresses churned.
+const MAX_CHANNELS: usize = 64;
+
+/// Counters the hosts publish as metrics.
+#[derive(Debug, Default)]
+pub struct WakeStats {
+    /// Single-flight wakes started (one per sandbox per burst of requests).
+    pub flights: AtomicU64,
+    /// Wake calls answered ACCEPTED or RUNNING.
+    pub accepted: AtomicU64,
+    /// Wake rounds in which no address answered (controller down, not leading, refused).
+    pub failures: AtomicU64,
+}
+
+/// How a wake hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeEnd {
+    /// The sandbox's route is Ready: forward.
+    Ready,
+    /// The paused marker went without a Ready route (deleted, or the route is on its way: a
+    /// miss hold was waited for it).
+    Unpaused,
+    /// The bound passed with the sandbox still paused: `sandbox_waking`.
+    Expired,
+}
+
+/// One held wake; its place in `max_held` is given back when dropped.
+pub struct WakeHold {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Every wake of one gateway process.
+pub struct Waker {
+    cfg: WakeConfig,
+    table: Arc<RouteTable>,
+    miss_hold: Duration,
+    rt: tokio::runtime::Handle,
+    requester: String,
+    held: Arc<Semaphore>,
+    inflight: Mutex<HashSet<Arc<str>>>,
+    channels: Mutex<HashMap<SocketAddr, Channel>>,
+    pub stats: WakeStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Waker {
+    /// `rt` runs the wake RPCs; `requester` names this gateway in the controller's logs.
+    pub fn new(
+        cfg: WakeConfig,
+        table: Arc<RouteTable>,
+        miss_hold: Duration,
+        rt: tokio::runtime::Handle,
+        requester: String,
+    ) -> Arc<Self> {
+        Arc::new(Waker {
+            held: Arc::new(Semaphore::new(cfg.max_held)),
+            cfg,
+            table,
+            miss_hold,
+            rt,
+            requester,
+            inflight: Mutex::new(HashSet::new()),
+            channels: Mutex::new(HashMap::new()),
+            stats: WakeStats::default(),
+        })
+    }
+
+    /// The hold's bound (`wake.timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.cfg.timeout
+    }
+
+    /// A place among the held wakes, or `None` when `max_held` are held (`too_many_wakes`).
+    pub fn admit(&self) -> Option<WakeHold> {
+        Arc::clone(&self.held)
+            .try_acquire_owned()
+            .ok()
+            .map(|p| WakeHold { _permit: p })
+    }
+
+    /// Wakes held now.
+    pub fn held(&self) -> usize {
+        self.cfg.max_held - self.held.available_permits()
+    }
+
+    /// Wakes whose RPC is in flight now (one per sandbox).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
+    /// Holds a request for `id` (its token already checked) until its route is Ready, its
+    /// marker goes, or the bound passes; starts the sandbox's wake if none is in flight.
+    pub async fn hold(self: &Arc<Self>, _place: &WakeHold, id: &str) -> WakeEnd {
+        self.start(id);
+        let deadline = Instant::now() + self.cfg.timeout;
+        let ready = |t: &RouteTable| t.get(id).is_some_and(|r| r.spec.ready);
+        self.table
+            .wait_until(id, deadline, |t| ready(t) || t.paused(id).is_none())
+            .await;
+        if ready(&self.table) {
+            return WakeEnd::Ready;
+        }
+        if self.table.paused(id).is_some() {
+            return WakeEnd::Expired;
+        }
+        // The marker went first: the route arrives on the other watch, or never (deleted).
+        let grace = deadline.min(Instant::now() + self.miss_hold);
+        self.table.wait_until(id, grace, ready).await;
+        WakeEnd::Unpaused
+    }
+
+    /// Starts the single-flight wake of `id` unless one is running.
+    fn start(self: &Arc<Self>, id: &str) {
+        let id: Arc<str> = id.into();
+        if !lock(&self.inflight).insert(Arc::clone(&id)) {
+            return;
+        }
+        self.stats.flights.fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        self.rt.spawn(async move {
+            this.fly(&id).await;
+            lock(&this.inflight).remove(&id);
+        });
+    }
+
+    /// Asks until the sandbox is settled (Ready, or no longer paused) or the bound passes.
+    async fn fly(&self, id: &str) {
+        let deadline = Instant::now() + self.cfg.timeout;
+        let settled =
+            |t: &RouteTable| t.get(id).is_some_and(|r| r.spec.ready) || t.paused(id).is_none();
+        let mut backoff = Duration::from_millis(50);
+        while !settled(&self.table) && Instant::now() < deadline {
+            match self.ask(id).await {
+                Ok(WakeResult::Accepted | WakeResult::Running) => {
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    backoff = Duration::from_millis(50);
+                    let next = deadline.min(Instant::now() + REASK);
+                    self.table.wait_until(id, next, settled).await;
+                }
+                Ok(other) => {
+                    // NOT_FOUND, PAUSED_BY_SPEC: nothing to wake; the marker watch settles the
+                    // held requests (404, or 409 once the marker says so).
+                    tracing::info!(sandbox_id = %id, result = ?other, "wake refused by the controller");
+                    self.table.wait_until(id, deadline, settled).await;
+                    return;
+                }
+                Err(why) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(sandbox_id = %id, error = %why, "wake failed; retrying");
+                    tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// One round: every address of the endpoint, at once; the first answer wins.
+    async fn ask(&self, id: &str) -> Result<WakeResult, String> {
+        let token_sha256 = self
+            .table
+            .paused(id)
+            .and_then(|p| p.token_sha256)
+            .map(hex::encode)
+            .unwrap_or_default();
+        let addrs = self.resolve().await?;
+        let calls: Vec<BoxFuture<'_, Result<WakeResult, String>>> = addrs
+            .into_iter()
+            .map(|addr| {
+                let req = WakeRequest {
+                    sandbox_id: id.to_string(),
+                    requester: self.requester.clone(),
+                    token_sha256: token_sha256.clone(),
+                };
+                self.call(addr, req).boxed()
+            })
+            .collect();
+        if calls.is_empty() {
+            return Err("the wake endpoint resolved to no address".into());
+        }
+        select_ok(calls).await.map(|(r, _)| r)
+    }
+
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+        let hostport = self
+            .cfg
+            .endpoint
+            .strip_prefix("http://")
+            .unwrap_or(&self.cfg.endpoint);
+        tokio::net::lookup_host(hostport)
+            .await
+            .map(|a| a.collect())
+            .map_err(|e| format!("resolving {hostport}: {e}"))
+    }
+
+    fn channel(&self, addr: SocketAddr) -> Result<Channel, String> {
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(&addr) {
+            return Ok(c.clone());
+        }
+        if channels.len() >= MAX_CHANNELS {
+            channels.clear();
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    async fn call(&self, addr: SocketAddr, req: WakeRequest) -> Result<WakeResult, String> {
+        let mut req = tonic::Request::new(req);
+        if let Some(t) = &self.cfg.token {
+            let v = t
+                .authorization()
+                .parse()
+                .map_err(|_| "the wake token is not a header value".to_string())?;
+            req.metadata_mut().insert(crate::bearer::AUTHORIZATION, v);
+        }
+        let mut client = WakeServiceClient::new(self.channel(addr)?);
+        let r = tokio::time::timeout(CALL_TIMEOUT, client.wake(req))
+            .await
+            .map_err(|_| format!("{addr}: timed out"))?
+            .map_err(|s| format!("{addr}: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        WakeResult::try_from(r.result).map_err(|_| format!("{addr}: unknown result {}", r.result))
+    }
+}
