@@ -80,8 +80,8 @@ lint:
 # Everything CI enforces: formatting, clippy, unit and end-to-end tests (real Envoy, debug module,
 # a real MCP server and client), and the demo's checks.
 test: tools envoy pydeps lint
-	# The e2e tests run these as Envoy's module and as a child process.
-	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc
+	# The e2e tests run these as Envoy's module and as child processes.
+	$(CARGO) build -p sandbox-gateway-filter -p sandbox-gateway-extproc -p sandbox-gateway-controller
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory demo-check
 	$(MAKE) --no-print-directory bench-quick

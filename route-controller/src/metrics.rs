@@ -36,8 +36,9 @@ pub struct Metrics {
     pub pool_writes: IntCounterVec,
     /// 1 while this replica leads.
     pub leader: IntGauge,
-    /// Wake requests by `result` (accepted, already, running, not_found, paused_by_spec,
-    /// not_leader, unauthenticated, invalid, error).
+    /// Wake requests by `result` (accepted, running, not_found, paused_by_spec, not_leader,
+    /// not_ready, unauthenticated, invalid, error; `requested`: a resume asked for through the
+    /// Sandbox itself).
     pub wakes: IntCounterVec,
     /// Seconds from a wake accepted to the sandbox Ready again.
     pub wake_seconds: prometheus::Histogram,
@@ -135,7 +136,13 @@ impl Metrics {
         self.ready.store(true, Ordering::Release);
     }
 
-    fn render(&self) -> Vec<u8> {
+    /// Whether the caches have synced.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -487,8 +487,13 @@ pub fn error_policy(sbx: Arc<Sandbox>, err: &Error, ctx: Arc<Context>) -> Action
         .reconcile_errors
         .with_label_values(&["sandbox", err.metric_label()])
         .inc();
-    if !matches!(err, Error::NotLeader) {
-        tracing::warn!(sandbox = %sbx.name_any(), error = %err, "sandbox reconcile failed");
+    match err {
+        Error::NotLeader => {}
+        // A lost race on a resourceVersion: retried in 50 ms, expected under load.
+        Error::Kube(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(sandbox = %sbx.name_any(), error = %err, "sandbox reconcile conflict");
+        }
+        _ => tracing::warn!(sandbox = %sbx.name_any(), error = %err, "sandbox reconcile failed"),
     }
     Action::requeue(err.retry_after())
 }

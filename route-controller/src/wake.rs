@@ -150,6 +150,11 @@ impl WakeService for Waker {
             self.count("not_leader");
             return Err(Status::unavailable("not the leader"));
         }
+        if !self.ctx.metrics.is_ready() {
+            // Before the caches sync a sandbox cannot be found: ask again, do not say NOT_FOUND.
+            self.count("not_ready");
+            return Err(Status::unavailable("caches are not synced yet"));
+        }
         let r = req.into_inner();
         if routing::key::validate_id(r.sandbox_id.as_bytes()).is_err() {
             self.count("invalid");

@@ -447,16 +447,18 @@ fn committed_bootstrap_is_what_the_generator_makes() {
 }
 
 fn assert_read_only_pods(rules: Option<&[PolicyRule]>, what: &str) {
-    let expected = [PolicyRule {
-        api_groups: Some(vec![String::new()]),
-        resources: Some(vec!["pods".into()]),
+    let read = |group: &str, resource: &str| PolicyRule {
+        api_groups: Some(vec![group.into()]),
+        resources: Some(vec![resource.into()]),
         verbs: vec!["get".into(), "list".into(), "watch".into()],
         ..Default::default()
-    }];
+    };
+    // Pods (the routes) and Sandboxes (the paused markers, for `wake`): read-only.
+    let expected = [read("", "pods"), read("sandboxgateway.io", "sandboxes")];
     assert_eq!(
         rules,
         Some(&expected[..]),
-        "{what} must grant exactly get/list/watch on pods"
+        "{what} must grant exactly get/list/watch on pods and sandboxes"
     );
 }
 
@@ -495,8 +497,8 @@ fn rbac_grants_exactly_read_on_pods() {
     // Nothing else is bound to the gateway's ServiceAccount.
     assert_eq!(
         bound_rules("sandbox-gateway").len(),
-        3,
-        "get/list/watch pods"
+        6,
+        "get/list/watch pods and sandboxes"
     );
     let _: ServiceAccount = find("sandbox-gateway");
     let dep: Deployment = find("sandbox-gateway");
@@ -619,6 +621,7 @@ fn bootstrap_keeps_the_gateway_settings_and_uses_the_kubernetes_source() {
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "t").unwrap();
     cfg["activity_report"]["token_file"] = json!(token.path());
+    cfg["wake"]["token_file"] = json!(token.path());
     assert_eq!(cfg["route_source"]["label"], "sandboxgateway.io/sandbox-id");
     let parsed = GatewayConfig::from_json(cfg.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("the gateway rejects the deploy module config: {e}"));
@@ -850,6 +853,9 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     std::fs::write(&token, "t").unwrap();
     cfg["activity_report"] =
         json!({"endpoint": format!("http://127.0.0.1:{}", free_port()), "token_file": token});
+    // No controller either: wakes go to a closed loopback port (nothing here is paused).
+    cfg["wake"] =
+        json!({"endpoint": format!("http://127.0.0.1:{}", free_port()), "token_file": token});
     *module_config_mut(&mut b) = json!(cfg.to_string());
 
     let opts = EnvoyOptions::sandboxes(b.to_string());
@@ -906,10 +912,13 @@ async fn deploy_bootstrap_routes_pods_in_real_envoy() {
     }
     let counts = api.request_counts();
     assert!(counts.lists >= 1 && counts.watches >= 1, "{counts:?}");
+    // Only labelled objects are ever read: route pods, and (for `wake`) paused Sandboxes.
     let log = api.request_log();
     assert!(
-        log.iter()
-            .all(|r| r.contains("labelSelector=sandboxgateway.io%2Fsandbox-id")),
+        log.iter().all(|r| (r.starts_with("/api/v1/pods?")
+            && r.contains("labelSelector=sandboxgateway.io%2Fsandbox-id"))
+            || (r.starts_with("/apis/sandboxgateway.io/v1alpha1/sandboxes?")
+                && r.contains("labelSelector=sandboxgateway.io%2Fpaused"))),
         "{log:?}"
     );
 
@@ -1279,6 +1288,7 @@ fn controller_rbac_is_exactly_what_the_code_calls() {
         cluster(sgw, "sandboxpools/status", &["patch"]),
         cluster(sgw, "sandboxpools/finalizers", &["update"]),
         cluster("events.k8s.io", "events", &["create", "patch"]),
+        cluster("", "persistentvolumeclaims", &["create"]),
         ns(
             ("coordination.k8s.io", "leases"),
             &["sandbox-controller"],
@@ -1451,12 +1461,73 @@ fn controller_deployment_wiring_is_consistent() {
         format!("{}/token", mount_path(&c, "activity-token"))
     );
 
-    // One port, `metrics`, where --metrics-bind-address listens; the probes use it.
+    // Two ports: `metrics`, where --metrics-bind-address listens (the probes use it), and
+    // `grpc-wake`, where --wake-bind-address does.
     let bind: SocketAddr = flag(args, "--metrics-bind-address").parse().unwrap();
+    let wake: SocketAddr = flag(args, "--wake-bind-address").parse().unwrap();
     let ports = c.ports.as_deref().unwrap_or_default();
-    assert_eq!(ports.len(), 1);
+    assert_eq!(ports.len(), 2);
     assert_eq!(ports[0].name.as_deref(), Some("metrics"));
     assert_eq!(ports[0].container_port, i32::from(bind.port()));
+    assert_eq!(ports[1].name.as_deref(), Some("grpc-wake"));
+    assert_eq!(ports[1].container_port, i32::from(wake.port()));
+    // The WakeService: the same token file as the ActivityService; a headless Service over
+    // every controller pod on that port; the gateways' module config dials it; the
+    // NetworkPolicy admits the gateway pods (and only them) to it.
+    assert_eq!(
+        flag(args, "--wake-token-file"),
+        flag(args, "--activity-token-file")
+    );
+    let wsvc: Service = find("sandbox-controller-wake");
+    let wspec = wsvc.spec.as_ref().unwrap();
+    assert_eq!(wspec.cluster_ip.as_deref(), Some("None"), "headless");
+    assert_eq!(json!(wspec.selector), labels);
+    let wp = &wspec.ports.as_deref().unwrap_or_default()[0];
+    assert_eq!(
+        wp.target_port,
+        Some(IntOrString::String("grpc-wake".into()))
+    );
+    let module = module_config(&bootstrap());
+    assert_eq!(
+        module["wake"]["endpoint"],
+        json!(format!("http://sandbox-controller-wake:{}", wp.port))
+    );
+    assert_eq!(
+        module["wake"]["token_file"],
+        module["activity_report"]["token_file"]
+    );
+    let cnp: NetworkPolicy = find("sandbox-controller");
+    let cnp = cnp.spec.as_ref().unwrap();
+    assert_eq!(
+        json!(cnp
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())),
+        labels
+    );
+    let rules = cnp.ingress.as_deref().unwrap();
+    let gateway: Deployment = find("sandbox-gateway");
+    let gw_labels = pod_labels(&gateway);
+    let wake_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p.port == Some(IntOrString::Int(i32::from(wake.port()))))
+        })
+        .expect("a rule for the WakeService port");
+    let from = wake_rule
+        .from
+        .as_deref()
+        .expect("the wake port is not open to all");
+    assert_eq!(from.len(), 1);
+    let sel = from[0]
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref());
+    assert!(sel.is_some_and(|m| m.iter().all(|(k, v)| gw_labels[k] == json!(v))));
     for (probe, path) in [
         (&c.readiness_probe, "/readyz"),
         (&c.liveness_probe, "/healthz"),
@@ -1651,12 +1722,14 @@ fn base_renders_with_kubectl_kustomize() {
         ("Deployment", "sandbox-extproc"),
         ("Deployment", "sandbox-gateway"),
         ("Namespace", "sandbox-gateway"),
+        ("NetworkPolicy", "sandbox-controller"),
         ("NetworkPolicy", "sandbox-extproc"),
         ("PodDisruptionBudget", "sandbox-controller"),
         ("PodDisruptionBudget", "sandbox-gateway"),
         ("Role", "sandbox-controller"),
         ("RoleBinding", "sandbox-controller"),
         ("Secret", "sandbox-activity-token-<hash>"),
+        ("Service", "sandbox-controller-wake"),
         ("Service", "sandbox-extproc"),
         ("Service", "sandbox-gateway"),
         ("ServiceAccount", "sandbox-controller"),
