@@ -10,7 +10,7 @@ CARGO ?= cargo
 # `make demo MODE=cluster`: the whole control plane (API server, controller, Envoy in Kubernetes mode).
 MODE ?= filter
 
-.PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse bench-controller
+.PHONY: all tools envoy pydeps build demo demo-check deploy-bootstrap lint test clean bench bench-quick bench-micro bench-callgrind bench-wrk bench-kube bench-last-active bench-abuse bench-controller bench-wake
 
 all: build
 
@@ -140,6 +140,13 @@ bench-controller: envoy
 	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
 	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
 	  $(CARGO) bench -p sandbox-gateway-bench --bench controller -- $(CONTROLLER_ARGS)
+
+# Pause and wake (benches/benches/wake.rs): wake to first byte through Envoy, one at a time and
+# 20 at once. Writes benches/results/wake.md.
+bench-wake: envoy
+	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc
+	SANDBOX_GATEWAY_MODULE_DIR=$(CURDIR)/target/release SANDBOX_EXTPROC_BIN=$(CURDIR)/target/release/sandbox-extproc \
+	  $(CARGO) bench -p sandbox-gateway-bench --bench wake -- $(WAKE_ARGS)
 
 bench-abuse: envoy
 	$(CARGO) build --release -p sandbox-gateway-filter -p sandbox-gateway-extproc

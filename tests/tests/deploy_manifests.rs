@@ -1798,3 +1798,59 @@ fn base_renders_with_kubectl_kustomize() {
         }
     }
 }
+
+/// Seconds of an Envoy duration string (`"300s"`, `"1.5s"`, `"0s"`).
+fn secs(v: &Value) -> f64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a duration: {v}"));
+    s.strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a duration in seconds: {s}"))
+}
+
+/// A request held for a paused sandbox waits up to `wake.timeout_ms` (at most
+/// MAX_WAKE_TIMEOUT_MS): no stream, route, connection or ext_proc timeout on its path may end it
+/// sooner, in any bootstrap we ship (module, ext_proc, and the Kubernetes deploy).
+#[test]
+fn no_timeout_on_the_path_is_shorter_than_the_wake_bound() {
+    let bound = routing::config::MAX_WAKE_TIMEOUT_MS as f64 / 1000.0;
+    let cfg = json!({"route_source": {"type": "kubernetes"}});
+    let module: Value =
+        serde_saphyr::from_str(&sandbox_gateway_harness::gateway::bootstrap(&cfg, 1, 2).unwrap())
+            .unwrap();
+    let extproc: Value = serde_saphyr::from_str(
+        &sandbox_gateway_harness::extproc::extproc_bootstrap(
+            1,
+            2,
+            "127.0.0.1:3".parse().unwrap(),
+            Duration::from_millis(1500),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for (what, b) in [
+        ("module", module),
+        ("ext_proc", extproc.clone()),
+        ("deploy", bootstrap()),
+    ] {
+        let h = hcm(&b, "sandboxes");
+        // Off (0s) or longer than the bound.
+        for key in ["stream_idle_timeout", "request_timeout"] {
+            let t = secs(&h[key]);
+            assert!(t == 0.0 || t > bound, "{what}: {key} {t}s");
+        }
+        let idle = secs(&h["common_http_protocol_options"]["idle_timeout"]);
+        assert!(idle == 0.0 || idle > bound, "{what}: idle_timeout {idle}s");
+        for r in h["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap()
+        {
+            assert_eq!(secs(&r["route"]["timeout"]), 0.0, "{what}: route {r}");
+        }
+    }
+    // ext_proc: the processor may extend a held request's timer up to max_message_timeout, which
+    // covers the bound plus the processor's margin.
+    let filters = hcm(&extproc, "sandboxes")["http_filters"].clone();
+    let ext = named(&filters, "envoy.filters.http.ext_proc");
+    let max = secs(&ext["typed_config"]["max_message_timeout"]);
+    assert!(max >= bound + 2.0, "max_message_timeout {max}s");
+}

@@ -1,9 +1,11 @@
 //! `sandbox-demo --mode cluster`: the whole control plane on one machine. The in-process API
-//! server (kubectl talks to it), the test kubelet (pods on loopback IPs 127.0.1.x with real
+//! server (kubectl talks to it), the test kubelet (pods on loopback IPs 127.x.y.z with real
 //! sandbox servers on port 8080), sandbox-extproc as the ActivityService, Envoy with the module in
 //! Kubernetes mode on 127.0.0.1:10000 reporting activity to it, and the controller. A scripted
 //! lifecycle runs against them: a pool fills, a sandbox is claimed and reached through Envoy with
-//! its token, goes silent, is released for idleness, and the pool refills. Every step is verified;
+//! its token, goes silent, is released for idleness, and the pool refills; then a sandbox with
+//! `idlePolicy: Pause` and a per-sandbox volume goes silent, is paused (its pod deleted), and a
+//! request with its token wakes it, reading back a file written before. Every step is verified;
 //! a watch on pools and sandboxes prints each change as it happens, during the script and after
 //! it (while the demo keeps running for kubectl and `sandbox-controller claim`).
 
@@ -49,9 +51,18 @@ const WAIT: Duration = Duration::from_secs(30);
 /// module's `host_domains` below accepts.
 const URL_TEMPLATE: &str = "http://{port}-{id}.sandbox.localhost:10000";
 
+/// The pool of the pause-and-wake part: each sandbox gets a volume, idleness pauses it.
+const NOTES_POOL: &str = "notes";
+
 /// The module config of cluster mode: routes from the API server's pods, activity reported to
-/// sandbox-extproc's ActivityService, which the controller's idle pass asks.
-fn gateway_config(kubeconfig: &Path, activity_endpoint: &str, token_file: &Path) -> Value {
+/// sandbox-extproc's ActivityService, which the controller's idle pass asks, and wakes asked of
+/// the controller's WakeService (the same token).
+fn gateway_config(
+    kubeconfig: &Path,
+    activity_endpoint: &str,
+    token_file: &Path,
+    wake_endpoint: &str,
+) -> Value {
     json!({
         "route_source": {"type": "kubernetes", "kubeconfig": kubeconfig},
         "host_domains": [HOST_DOMAIN],
@@ -59,7 +70,8 @@ fn gateway_config(kubeconfig: &Path, activity_endpoint: &str, token_file: &Path)
         "miss_hold_ms": 200,
         "activity_report": {
             "endpoint": activity_endpoint, "interval_ms": 200, "token_file": token_file
-        }
+        },
+        "wake": { "endpoint": wake_endpoint, "token_file": token_file, "timeout_ms": 30000 }
     })
 }
 
@@ -107,7 +119,16 @@ async fn start(t0: Instant) -> Result<Stack> {
     let client = api.client()?;
     let kubeconfig = dir.join("kubeconfig");
     api.kubeconfig(&kubeconfig)?;
-    let kubelet = TestKubelet::start(client.clone(), KubeletOptions::default());
+    // Each PVC is a directory here (the volumes outlive their pods, as PVCs do).
+    let volumes = dir.join("volumes");
+    let _ = std::fs::remove_dir_all(&volumes);
+    let kubelet = TestKubelet::start(
+        client.clone(),
+        KubeletOptions {
+            volume_root: Some(volumes),
+            ..KubeletOptions::default()
+        },
+    );
 
     // sandbox-extproc only as the ActivityService replica (its ext_proc side is unused, with an
     // empty routes file): Envoy's module reports activity to it, the controller asks it.
@@ -121,7 +142,15 @@ async fn start(t0: Instant) -> Result<Stack> {
     let token_file = dir.join("activity-token");
     std::fs::write(&token_file, ACTIVITY_TOKEN)?;
 
-    let gw_cfg = gateway_config(&kubeconfig, &extproc.activity_endpoint(), &token_file);
+    let wake_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    wake_listener.set_nonblocking(true)?;
+    let wake_endpoint = format!("http://{}", wake_listener.local_addr()?);
+    let gw_cfg = gateway_config(
+        &kubeconfig,
+        &extproc.activity_endpoint(),
+        &token_file,
+        &wake_endpoint,
+    );
     let boot = bootstrap(&gw_cfg, 9901, 10000)?;
     let envoy = tokio::task::spawn_blocking(move || Envoy::start(EnvoyOptions::sandboxes(boot)))
         .await?
@@ -133,6 +162,10 @@ async fn start(t0: Instant) -> Result<Stack> {
         idle_interval: IDLE_INTERVAL,
         query_timeout: Duration::from_secs(2),
         url_template: Some(URL_TEMPLATE.into()),
+        wake: Some(sandbox_controller::context::WakeEndpoint::new(
+            wake_listener,
+            routing::bearer::BearerToken::new(ACTIVITY_TOKEN),
+        )),
         ..Config::default()
     };
     let (c, metrics) = (client.clone(), Metrics::new()?);
@@ -159,10 +192,10 @@ async fn start(t0: Instant) -> Result<Stack> {
         extproc.activity_endpoint()
     );
     println!(
-        "  controller  in-process; idle pass every {} ms, URLs {URL_TEMPLATE}",
+        "  controller  in-process; idle pass every {} ms, URLs {URL_TEMPLATE}, WakeService {wake_endpoint}",
         IDLE_INTERVAL.as_millis()
     );
-    println!("  kubelet     pods on 127.0.1.x:8080, each a real sandbox server");
+    println!("  kubelet     pods on loopback IPs 127.x.y.z:8080, each a real sandbox server");
     println!("  Envoy log   {}", envoy.log_path.display());
     println!("\nIn another terminal, while this runs:");
     println!("  kubectl --server {} get sbp,sbx", api.url());
@@ -388,11 +421,144 @@ async fn lifecycle(s: &Stack, t0: Instant) -> Result<()> {
         .context("the pool did not return to its warm size")?;
     let st = p.status.unwrap_or_default();
     println!(
-        "    ok  warm {}/{WARM}, claimed {}   (lifecycle done at +{:.1} s)",
+        "    ok  warm {}/{WARM}, claimed {}   (release done at +{:.1} s)",
         st.replicas,
         st.claimed,
         t0.elapsed().as_secs_f64()
     );
+    pause_and_wake(s).await?;
+    println!(
+        "\n    lifecycle done at +{:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Pause and wake: a sandbox of a pool with `idlePolicy: Pause` and a per-sandbox volume.
+async fn pause_and_wake(s: &Stack) -> Result<()> {
+    let pools: Api<SandboxPool> = Api::namespaced(s.client.clone(), NS);
+    let sandboxes: Api<Sandbox> = Api::namespaced(s.client.clone(), NS);
+    let gw = s.envoy.listener;
+    step(&format!(
+        "create SandboxPool {NOTES_POOL}: idlePolicy Pause, idleTimeout {IDLE_TIMEOUT}, a volume per sandbox"
+    ));
+    let pool: SandboxPool = serde_json::from_value(json!({
+        "apiVersion": "sandboxgateway.io/v1alpha1", "kind": "SandboxPool",
+        "metadata": { "name": NOTES_POOL, "namespace": NS },
+        "spec": {
+            "replicas": 0, "idleTimeout": IDLE_TIMEOUT, "idlePolicy": "Pause",
+            "template": { "spec": { "containers": [{
+                "name": "sandbox", "image": "example/sandbox:1",
+                "volumeMounts": [{ "name": "work", "mountPath": "/work" }],
+            }] } },
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "work" },
+                "spec": { "accessModes": ["ReadWriteOnce"],
+                          "resources": { "requests": { "storage": "1Gi" } } },
+            }],
+        }
+    }))?;
+    pools.create(&PostParams::default(), &pool).await?;
+    let name = "notes-1";
+    let sbx: Sandbox = serde_json::from_value(json!({
+        "apiVersion": "sandboxgateway.io/v1alpha1", "kind": "Sandbox",
+        "metadata": { "name": name, "namespace": NS }, "spec": { "poolRef": NOTES_POOL }
+    }))?;
+    sandboxes.create(&PostParams::default(), &sbx).await?;
+    let ready = wait_for(&sandboxes, name, "Ready", |s| {
+        s.and_then(|s| s.status.as_ref())
+            .is_some_and(|st| st.phase == Phase::Ready)
+    })
+    .await?;
+    let st = ready.status.clone().unwrap_or_default();
+    let id = st.sandbox_id.clone().context("no sandboxId")?;
+    let old_pod = st.pod_name.clone().context("no pod")?;
+    let token = token(&s.client, &st.token_secret.clone().context("no secret")?).await?;
+    let auth = [
+        ("x-sandbox-id", id.as_str()),
+        ("x-access-token", token.as_str()),
+    ];
+    let body = "written before the pause";
+    let put = format!(
+        "PUT /files?path=/work/notes.txt HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\
+         x-sandbox-id: {id}\r\nx-access-token: {token}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = client::send_raw(gw, put.as_bytes()).await?;
+    ensure!(
+        r.status == 201,
+        "writing the file: {} {}",
+        r.status,
+        r.text()
+    );
+    println!("    ok  {name} Ready (id {id}, pod {old_pod}, PVC {name}-work); wrote /work/notes.txt through Envoy");
+
+    step(&format!("silence: {name} is paused, not released"));
+    let paused = wait_for(&sandboxes, name, "Paused", |s| {
+        s.and_then(|s| s.status.as_ref())
+            .is_some_and(|st| st.phase == Phase::Paused)
+    })
+    .await?;
+    ensure!(paused
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_name.as_ref())
+        .is_none());
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(s.client.clone(), NS);
+    wait_for_gone(&pods, &old_pod).await?;
+    println!("    ok  Paused: pod {old_pod} deleted; ID, token and volume kept");
+    // The gateway learns the marker from its watch: until then a request is a miss.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client::get(gw, "/", &[("x-sandbox-id", id.as_str())]).await?;
+        if r.status == 401 {
+            println!("    ok  without the token: 401, and nothing is woken");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the gateway never saw {id} paused: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    step("a request with the token wakes it (held at the gateway, then served)");
+    let t = Instant::now();
+    let r = client::get(gw, "/files?path=/work/notes.txt", &auth).await?;
+    let waited = t.elapsed();
+    ensure!(
+        r.status == 200,
+        "the woken request: {} {}",
+        r.status,
+        r.text()
+    );
+    ensure!(r.text() == body, "read back {:?}", r.text());
+    let st = sandboxes.get(name).await?.status.unwrap_or_default();
+    ensure!(
+        st.sandbox_id.as_deref() == Some(id.as_str()),
+        "a different ID after the wake"
+    );
+    let new_pod = st.pod_name.clone().unwrap_or_default();
+    ensure!(new_pod != old_pod, "the old pod answered");
+    println!(
+        "    ok  200 in {:.0} ms from new pod {new_pod}, same ID {id}, same token; the file is still there",
+        waited.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+async fn wait_for_gone(api: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) -> Result<()> {
+    tokio::time::timeout(
+        WAIT,
+        await_condition(
+            api.clone(),
+            name,
+            |p: Option<&k8s_openapi::api::core::v1::Pod>| p.is_none(),
+        ),
+    )
+    .await
+    .with_context(|| format!("{name} was not deleted within {} s", WAIT.as_secs()))??;
     Ok(())
 }
 
@@ -588,8 +754,9 @@ mod tests {
     #[test]
     fn url_template_uses_the_gateways_host_domain() {
         assert!(URL_TEMPLATE.contains(&format!(".{HOST_DOMAIN}:10000")));
-        let cfg = gateway_config(Path::new("k"), "http://a", Path::new("t"));
+        let cfg = gateway_config(Path::new("k"), "http://a", Path::new("t"), "http://w:1");
         assert_eq!(cfg["host_domains"][0], HOST_DOMAIN);
         assert_eq!(cfg["route_source"]["type"], "kubernetes");
+        assert_eq!(cfg["wake"]["endpoint"], "http://w:1");
     }
 }

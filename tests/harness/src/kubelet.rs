@@ -37,7 +37,7 @@ use crate::sandbox::{Mounts, SandboxServer};
 /// Where pods live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodNetwork {
-    /// A loopback address of their own (127.0.1.x).
+    /// A loopback address of their own (127.x.y.z, see `next_ip`).
     Loopback,
     /// A network namespace of their own, joined to the host by a veth pair.
     Netns,
@@ -151,10 +151,15 @@ fn make_netns(n: u32) -> anyhow::Result<(Netns, Ipv4Addr)> {
     Ok((ns, pod))
 }
 
-/// The next loopback address: 127.0.1.1, 127.0.1.2, … (127.0.0.x stays for the tests' own
-/// listeners). One process shares the sequence, so two kubelets never hand out one address.
+/// The next loopback address (127.0.0.x stays for the tests' own listeners). One process shares
+/// the sequence, so two kubelets never hand out one address; each process starts at its own
+/// offset (from its pid, in steps of 4,096 addresses), so kubelets of processes that run at once
+/// (a benchmark beside a test run) do not hand out each other's addresses either.
 fn next_ip() -> Ipv4Addr {
-    static NEXT: AtomicU32 = AtomicU32::new(256 + 1);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // 4,000 blocks of 4,096 addresses: 127.0.1.1 up to 127.250.x.y.
+    let base = 256 + (std::process::id() % 4000) * 4096;
+    let _ = NEXT.compare_exchange(0, base + 1, Ordering::Relaxed, Ordering::Relaxed);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     Ipv4Addr::new(
         127,
@@ -276,9 +281,17 @@ async fn start_pod(
             }
         }
     };
-    let server = server
-        .map_err(|e| tracing::warn!(pod = %name, error = %e, "sandbox server did not start"))
-        .ok();
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            // Never Ready on an address it does not serve: another process may serve it.
+            let error = format!("the sandbox server did not start: {e:#}");
+            tracing::warn!(pod = %key(p), %error, "the pod fails");
+            fail_pod(client, p, &error, running).await;
+            return;
+        }
+    };
+    let server = Some(server);
     running.lock().unwrap_or_else(|e| e.into_inner()).insert(
         key(p),
         Running {
