@@ -137,10 +137,11 @@ impl Bench {
         Ok(())
     }
 
-    /// Waits until the gateway holds no route (its readiness probe counts them) and refuses a
-    /// token-less request for each of `all` with 401: with no route left, that is the paused
-    /// marker answering, so the next request with the token is a wake.
-    async fn quiet(&self, all: &[&Sbx]) -> Result<()> {
+    /// Waits until the gateway holds only `routes_left` routes (its readiness probe counts them:
+    /// the sandboxes still running) and refuses a token-less request for each of `all` with 401:
+    /// with their routes gone, that is the paused marker answering, so the next request with the
+    /// token is a wake.
+    async fn quiet(&self, all: &[&Sbx], routes_left: u64) -> Result<()> {
         let deadline = Instant::now() + WAIT;
         loop {
             let ready = client::get(self.gw, "/.well-known/sandbox-gateway/ready", &[]).await?;
@@ -149,14 +150,54 @@ impl Bench {
                 let r = client::get(self.gw, "/", &[("x-sandbox-id", &s.id)]).await?;
                 refused += usize::from(r.status == 401);
             }
-            if ready.json()["routes"] == 0 && refused == all.len() {
+            if ready.json()["routes"] == routes_left && refused == all.len() {
                 return Ok(());
             }
-            ensure!(
-                Instant::now() < deadline,
-                "never paused at the gateway: {}",
-                ready.text()
-            );
+            if Instant::now() > deadline {
+                // What still carries a route label, as the API server has it.
+                let pods: Api<Pod> = Api::namespaced(self.kc.clone(), NS);
+                let lp =
+                    kube::api::ListParams::default().labels(routing::contract::SANDBOX_ID_LABEL);
+                let labelled: Vec<String> = pods
+                    .list(&lp)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|p| {
+                        let id = p
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(routing::contract::SANDBOX_ID_LABEL));
+                        format!(
+                            "{} id={id:?} deleting={} phase={:?}",
+                            p.metadata.name.as_deref().unwrap_or(""),
+                            p.metadata.deletion_timestamp.is_some(),
+                            p.status.as_ref().and_then(|s| s.phase.clone()),
+                        )
+                    })
+                    .collect();
+                let phases: Vec<String> = self
+                    .sandboxes()
+                    .list(&Default::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}={:?}",
+                            s.metadata.name.as_deref().unwrap_or(""),
+                            s.status.as_ref().map(|st| st.phase)
+                        )
+                    })
+                    .collect();
+                anyhow::bail!(
+                    "never paused at the gateway: {} refused {refused}/{}; labelled pods \
+                     {labelled:?}; sandboxes {phases:?}",
+                    ready.text(),
+                    all.len()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -255,7 +296,7 @@ async fn main() -> Result<()> {
     for _ in 0..args.sequential {
         tokio::time::timeout(WAIT, full()).await??;
         b.pause(&one).await?;
-        b.quiet(&[&one]).await?;
+        b.quiet(&[&one], 0).await?;
         seq.push(b.wake(&one).await?);
     }
     let mut par = Vec::new();
@@ -268,7 +309,8 @@ async fn main() -> Result<()> {
         for r in join_all(many.iter().map(|s| b.pause(s))).await {
             r?;
         }
-        b.quiet(&many.iter().collect::<Vec<_>>()).await?;
+        // `seq` stays Ready: one route left.
+        b.quiet(&many.iter().collect::<Vec<_>>(), 1).await?;
         for r in join_all(many.iter().map(|s| b.wake(s))).await {
             par.push(r?);
         }

@@ -68,6 +68,8 @@ struct Stack {
     activity: Option<ExtProc>,
     ctl: Option<Controller>,
     wake_addr: SocketAddr,
+    /// The gateway config (module mode: a second Envoy can load the same).
+    gw_cfg: Value,
     dir: tempfile::TempDir,
     _volumes: tempfile::TempDir,
 }
@@ -143,6 +145,7 @@ impl Stack {
             activity,
             ctl: None,
             wake_addr,
+            gw_cfg: cfg.clone(),
             dir,
             _volumes: volumes,
         };
@@ -175,7 +178,7 @@ impl Stack {
             .arg("--activity-token-file")
             .arg(d.join("activity-token"))
             .env("KUBECONFIG", d.join("kubeconfig"))
-            .env("RUST_LOG", "warn,sandbox_controller=info")
+            .env("RUST_LOG", "error")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()?;
@@ -634,6 +637,95 @@ async fn controller_down_means_sandbox_waking_then_a_wake_once_it_is_back() -> R
             .and_then(|s| s.sandbox_id)
             == Some(id)
     );
+    Ok(())
+}
+
+/// Two gateways (two Envoys, each with its single flight) wake one sandbox at once: the
+/// controller makes one `Paused → Resuming` write between them, and both are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_waking_at_once_resume_it_once() -> Result<()> {
+    let s = Stack::start(Mode::Module, 20_000).await?;
+    let second = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&s.gw_cfg, 0, 0)?))?;
+    s.pool("warm", json!({})).await?;
+    let (id, token, pod) = s.claim("shared", "warm").await?;
+    s.pause_now("shared").await?;
+    s.wait_paused_at_gateway(&id, &pod, 0).await?;
+    let deadline = Instant::now() + WAIT;
+    while client::get(second.listener, "/", &[("x-sandbox-id", &id)])
+        .await?
+        .status
+        != 401
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "the second gateway never saw it paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls: Vec<_> = [s.gw(), second.listener, s.gw(), second.listener]
+        .into_iter()
+        .map(|gw| {
+            let (id, token) = (id.clone(), token.clone());
+            tokio::spawn(async move { client::get(gw, "/hello", &auth(&id, &token)).await })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await??;
+        ensure!(r.status == 200, "{} {}", r.status, r.text());
+    }
+    let text = s.metrics_text().await;
+    let resumed = text
+        .lines()
+        .find(|l| {
+            l.starts_with("sandboxgateway_sandbox_phase_transitions_total")
+                && l.contains("from_phase=\"Paused\"")
+                && l.contains("to_phase=\"Resuming\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    ensure!(
+        resumed == Some(1.0),
+        "Paused → Resuming writes: {resumed:?}"
+    );
+    ensure!(s.wakes("accepted").await >= 2, "both gateways asked");
+    Ok(())
+}
+
+/// A wake the leader accepted (its `Resuming` write) and then died before finishing: the next
+/// controller finishes the resume, and the request held meanwhile is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_a_dead_leader_accepted_is_finished_by_the_next() -> Result<()> {
+    let mut s = Stack::start(Mode::Module, 20_000).await?;
+    s.pool("warm", json!({})).await?;
+    let (id, token, pod) = s.claim("orphan", "warm").await?;
+    s.pause_now("orphan").await?;
+    s.wait_paused_at_gateway(&id, &pod, 0).await?;
+    s.ctl.take(); // the leader dies
+                  // What its WakeService wrote before dying: the durable half of a wake.
+    let patch = json!({ "status": { "phase": "Resuming" } });
+    s.sandboxes()
+        .patch_status("orphan", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let gw = s.gw();
+    let held = {
+        let (id, token) = (id.clone(), token.clone());
+        tokio::spawn(async move { client::get(gw, "/hello", &auth(&id, &token)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.start_controller()?;
+    let r = tokio::time::timeout(Duration::from_secs(20), held).await???;
+    ensure!(
+        r.status == 200,
+        "the held request: {} {}",
+        r.status,
+        r.text()
+    );
+    let st = s
+        .phase("orphan", Phase::Ready)
+        .await?
+        .status
+        .context("status")?;
+    ensure!(st.sandbox_id.as_deref() == Some(id.as_str()));
     Ok(())
 }
 
