@@ -43,6 +43,7 @@ use sandbox_controller::decide::idle::{judge, merge, Answer, Clock, Reply, Verdi
 use sandbox_controller::leader::Leadership;
 use sandbox_controller::metrics::Metrics;
 use sandbox_gateway_apiserver::FakeApiServer;
+use sandbox_gateway_bench::pct;
 use sandbox_gateway_bench::procfs;
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::envoy::{repo_root, Envoy, EnvoyOptions};
@@ -75,15 +76,6 @@ struct Args {
     idle_sizes: Vec<usize>,
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
 }
 
 struct Stack {

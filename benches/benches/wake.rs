@@ -32,6 +32,7 @@ use sandbox_controller::crd::{Phase, Sandbox, SandboxPool};
 use sandbox_controller::leader::Leadership;
 use sandbox_controller::metrics::Metrics;
 use sandbox_gateway_apiserver::FakeApiServer;
+use sandbox_gateway_bench::pct;
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::envoy::{repo_root, Envoy, EnvoyOptions};
 use sandbox_gateway_harness::gateway::bootstrap;
@@ -52,15 +53,6 @@ struct Args {
     parallel_rounds: usize,
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
 }
 
 struct Sbx {

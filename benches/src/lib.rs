@@ -9,3 +9,13 @@
 pub mod sys;
 
 pub mod procfs;
+
+/// The `p` quantile (0..=1) of `v`, nearest rank (sorts `v`); NaN when empty.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}

@@ -300,9 +300,14 @@ impl Context {
         lock(&self.pending_wakes).insert(sandbox_uid.to_string());
     }
 
-    /// Whether a wake is waiting for this sandbox's pause to end (and forgets it).
-    pub fn take_pending_wake(&self, sandbox_uid: &str) -> bool {
-        lock(&self.pending_wakes).remove(sandbox_uid)
+    /// Whether a wake is waiting for this sandbox's pause to end.
+    pub fn pending_wake(&self, sandbox_uid: &str) -> bool {
+        lock(&self.pending_wakes).contains(sandbox_uid)
+    }
+
+    /// The pause ended (in `Resuming` or `Paused`): any waiting wake is served or moot.
+    pub fn forget_pending_wake(&self, sandbox_uid: &str) {
+        lock(&self.pending_wakes).remove(sandbox_uid);
     }
 
     /// Starts the wake-latency clock of a sandbox (the first wake wins).
@@ -317,6 +322,46 @@ impl Context {
         lock(&self.wake_started)
             .remove(sandbox_uid)
             .map(|t| t.elapsed())
+    }
+
+    /// Merge-patches a Sandbox's `/status`, as the leader (a replica that does not lead writes
+    /// nothing).
+    pub async fn patch_sandbox_status(
+        &self,
+        sbx: &Sandbox,
+        patch: &serde_json::Value,
+    ) -> crate::error::Result<Sandbox> {
+        use kube::api::{Api, Patch, PatchParams};
+        use kube::ResourceExt;
+        let ns = crate::error::namespace_of(sbx)?;
+        self.leader.check()?;
+        let api: Api<Sandbox> = Api::namespaced(self.client.clone(), &ns);
+        Ok(api
+            .patch_status(
+                &sbx.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await?)
+    }
+
+    /// Writes `status` (merged) only if the Sandbox is still at `sbx`'s resourceVersion: false
+    /// when it changed since (409), and nothing was written.
+    pub async fn fenced_status(
+        &self,
+        sbx: &Sandbox,
+        status: serde_json::Value,
+    ) -> crate::error::Result<bool> {
+        use kube::ResourceExt;
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": sbx.resource_version() },
+            "status": status,
+        });
+        match self.patch_sandbox_status(sbx, &patch).await {
+            Ok(_) => Ok(true),
+            Err(crate::error::Error::Kube(e)) if crate::error::is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends an Event about `obj` from a background task (never on a claim's critical path).

@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::context::{now_ms, Context, Replicas};
 use crate::crd::{IdlePolicy, PauseReason, Phase, ReleaseReason, Sandbox};
 use crate::decide::idle::{judge, merge, should_store, Answer, Clock, Reply, Sight, Verdict};
-use crate::error::{is_conflict, namespace_of, Result};
+use crate::error::{namespace_of, Result};
 use crate::spec::{PoolSettings, SandboxSettings};
 
 fn ms(t: &Time) -> u64 {
@@ -289,33 +289,19 @@ async fn recheck_and_mark(
     let Verdict::Idle { last_active_ms } = judge(&c, id, Some(&sight), now_ms()) else {
         return Ok(false);
     };
-    ctx.leader.check()?;
     let status = if idle_policy(ctx, &fresh) == IdlePolicy::Pause {
         json!({ "phase": Phase::Pausing, "pauseReason": PauseReason::Idle })
     } else {
         json!({ "phase": Phase::Releasing, "releaseReason": ReleaseReason::Idle })
     };
-    let patch = json!({
-        "metadata": { "resourceVersion": fresh.resource_version() },
-        "status": status,
-    });
-    match api
-        .patch_status(
-            &fresh.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(sandbox = %id, name = %fresh.name_any(), last_active_ms,
-                policy = ?idle_policy(ctx, &fresh), "idle");
-            Ok(true)
-        }
-        // Changed since the re-read (a status write, a deletion): judged again next pass.
-        Err(e) if is_conflict(&e) => Ok(false),
-        Err(e) => Err(e.into()),
+    // Fenced on the re-read: changed since (a status write, a deletion) is judged again next
+    // pass.
+    let marked = ctx.fenced_status(&fresh, status).await?;
+    if marked {
+        tracing::info!(sandbox = %id, name = %fresh.name_any(), last_active_ms,
+            policy = ?idle_policy(ctx, &fresh), "idle");
     }
+    Ok(marked)
 }
 
 /// The sandboxes' last-active times by ID, as one pass would see them (for tests and the CLI).

@@ -128,7 +128,8 @@ pub async fn pause(ctx: &Context, sbx: &Sandbox) -> Result<Action> {
     let token_sha = token_hash_of(ctx, sbx, &ns);
     let marked = mark_paused(ctx, sbx, &id, by, token_sha.as_deref()).await?;
     delete_route(ctx, &marked).await?;
-    let wake = by == PauseReason::Idle && ctx.take_pending_wake(&uid);
+    // Read now, forgotten only once the status is written: a retried write still honours it.
+    let wake = by == PauseReason::Idle && ctx.pending_wake(&uid);
     let phase = if wake { Phase::Resuming } else { Phase::Paused };
     let mut conds = st.conditions.clone();
     set_condition(
@@ -139,21 +140,15 @@ pub async fn pause(ctx: &Context, sbx: &Sandbox) -> Result<Action> {
         "Paused",
         "paused: no pod; the ID, token and volumes are kept",
     );
-    let patch = json!({
-        "metadata": { "resourceVersion": marked.resource_version() },
-        "status": {
-            "phase": phase, "pausedAt": now(), "podName": null, "podUid": null, "podIP": null,
-            "launch": null, "conditions": conds,
-        },
+    let status = json!({
+        "phase": phase, "pausedAt": now(), "podName": null, "podUid": null, "podIP": null,
+        "launch": null, "conditions": conds,
     });
-    ctx.leader.check()?;
-    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch_status(
-        &sbx.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    if !ctx.fenced_status(&marked, status).await? {
+        // Changed since the marker write (a deletion, a spec change): look again.
+        return Ok(Action::requeue(Duration::from_millis(50)));
+    }
+    ctx.forget_pending_wake(&uid);
     ctx.metrics
         .transitions
         .with_label_values(&["Pausing", "Paused"])
@@ -322,15 +317,8 @@ pub async fn finish_resume(
         "Resumed",
         "resumed: bound and routed",
     );
-    let ns = namespace_of(sbx)?;
-    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    ctx.leader.check()?;
-    api.patch_status(
-        &sbx.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": st })),
-    )
-    .await?;
+    ctx.patch_sandbox_status(sbx, &json!({ "status": st }))
+        .await?;
     clear_marker(ctx, sbx).await?;
     ctx.metrics
         .transitions
@@ -346,70 +334,32 @@ pub async fn finish_resume(
 /// Marks a Ready sandbox `Pausing` (its reconcile then pauses it), under its resourceVersion.
 /// Returns false when it changed meanwhile.
 pub async fn mark_pausing(ctx: &Context, sbx: &Sandbox, by: PauseReason) -> Result<bool> {
-    let ns = namespace_of(sbx)?;
-    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    ctx.leader.check()?;
-    let patch = json!({
-        "metadata": { "resourceVersion": sbx.resource_version() },
-        "status": { "phase": Phase::Pausing, "pauseReason": by },
-    });
-    match api
-        .patch_status(
-            &sbx.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            ctx.metrics
-                .transitions
-                .with_label_values(&["Ready", "Pausing"])
-                .inc();
-            ctx.event(
-                sbx,
-                false,
-                "Pausing",
-                "Pause",
-                format!("pausing ({})", by.as_str()),
-            );
-            Ok(true)
-        }
-        Err(e) if is_conflict(&e) => Ok(false),
-        Err(e) => Err(e.into()),
+    let status = json!({ "phase": Phase::Pausing, "pauseReason": by });
+    let written = ctx.fenced_status(sbx, status).await?;
+    if written {
+        ctx.metrics
+            .transitions
+            .with_label_values(&["Ready", "Pausing"])
+            .inc();
+        let note = format!("pausing ({})", by.as_str());
+        ctx.event(sbx, false, "Pausing", "Pause", note);
     }
+    Ok(written)
 }
 
 /// Marks a Paused sandbox `Resuming`, under its resourceVersion. Returns false when it changed
 /// meanwhile.
 pub async fn mark_resuming(ctx: &Context, sbx: &Sandbox, extra: serde_json::Value) -> Result<bool> {
-    let ns = namespace_of(sbx)?;
-    let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let mut status = json!({ "phase": Phase::Resuming });
     if let (Some(s), Some(e)) = (status.as_object_mut(), extra.as_object()) {
         s.extend(e.clone());
     }
-    ctx.leader.check()?;
-    let patch = json!({
-        "metadata": { "resourceVersion": sbx.resource_version() },
-        "status": status,
-    });
-    match api
-        .patch_status(
-            &sbx.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            ctx.metrics
-                .transitions
-                .with_label_values(&["Paused", "Resuming"])
-                .inc();
-            Ok(true)
-        }
-        Err(e) if is_conflict(&e) => Ok(false),
-        Err(e) => Err(e.into()),
+    let written = ctx.fenced_status(sbx, status).await?;
+    if written {
+        ctx.metrics
+            .transitions
+            .with_label_values(&["Paused", "Resuming"])
+            .inc();
     }
+    Ok(written)
 }
