@@ -146,7 +146,7 @@ impl Processor {
             Decision::Reply(r) => (self.reply(r, &view), None),
             Decision::Ready(r) => (self.ready(r), None),
             Decision::Forward(f) => self.forward(f, &view),
-            Decision::Wake(id) => self.wake(id, &view, interim).await,
+            Decision::Wake(id, hash) => self.wake(id, hash, &view, interim).await,
             Decision::Hold(id) => {
                 self.activity.metrics.miss_holds.inc();
                 // Always admitted; when full, the heaviest client's oldest hold gives way.
@@ -159,7 +159,9 @@ impl Processor {
                 match decide_after_hold(&self.cfg, table, &view) {
                     routing::decide::AfterHold::Reply(r) => (self.reply(r, &view), None),
                     routing::decide::AfterHold::Forward(f) => self.forward(f, &view),
-                    routing::decide::AfterHold::Wake(id) => self.wake(id, &view, interim).await,
+                    routing::decide::AfterHold::Wake(id, hash) => {
+                        self.wake(id, hash, &view, interim).await
+                    }
                 }
             }
         };
@@ -176,6 +178,7 @@ impl Processor {
     async fn wake(
         &self,
         id: SandboxId,
+        hash: routing::decide::TokenHash,
         view: &Headers<'_>,
         interim: &Interim,
     ) -> (ProcessingResponse, Option<StreamSlot>) {
@@ -201,7 +204,11 @@ impl Processor {
             // Envoy gave up on the request meanwhile: nothing to answer.
             return (ProcessingResponse::default(), None);
         }
-        let end = waker.hold(&place, &id).await;
+        let end = tokio::select! {
+            end = waker.hold(&place, &id, hash) => end,
+            // Envoy ended the request (the client left): give its place back now.
+            _ = interim.closed() => return (ProcessingResponse::default(), None),
+        };
         drop(place);
         let label = match end {
             WakeEnd::Ready => "ready",

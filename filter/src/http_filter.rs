@@ -11,7 +11,7 @@ use crate::gateway::Gateway;
 use routing::activity::{now_ms, StreamSlot, StreamThrottle};
 use routing::decide::{
     decide, decide_after_hold, decide_after_wake, open_stream, AfterHold, Decision, ErrorReply,
-    FinalDecision, Forward, HeaderChange, ReplyCode, SandboxId, FORWARDED_HOST_HEADER,
+    FinalDecision, Forward, HeaderChange, ReplyCode, SandboxId, TokenHash, FORWARDED_HOST_HEADER,
     FORWARDED_PREFIX_HEADER, ORIGINAL_DST_HEADER,
 };
 use routing::holds::ClientKey;
@@ -67,6 +67,9 @@ pub struct SandboxFilter {
     hold_started: Cell<Option<Instant>>,
     /// Set while a wake hold is pending; taken by the scheduled event that ends it.
     wake_started: Cell<Option<Instant>>,
+    /// Dropped with the filter (the stream is over, the client may have left): the wake hold's
+    /// task then ends at once and gives its place among the held wakes back.
+    wake_cancel: Cell<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl SandboxFilter {
@@ -78,6 +81,7 @@ impl SandboxFilter {
             throttle: Cell::new(StreamThrottle::new(0, Duration::ZERO)),
             hold_started: Cell::new(None),
             wake_started: Cell::new(None),
+            wake_cancel: Cell::new(None),
         }
     }
 
@@ -100,7 +104,7 @@ impl SandboxFilter {
         match d {
             AfterHold::Reply(r) => self.send(s, &r),
             AfterHold::Forward(f) => self.forward(s, f),
-            AfterHold::Wake(id) => self.wake(s, id),
+            AfterHold::Wake(id, hash) => self.wake(s, id, hash),
         }
     }
 
@@ -115,7 +119,7 @@ impl SandboxFilter {
 
     /// Holds a request for a paused sandbox (its token checked) while the controller wakes it,
     /// on the gateway's runtime; the scheduled `EVENT_WAKE_DONE` decides it then.
-    fn wake<S: Stream>(&self, s: &mut S, id: SandboxId) -> HeadersStatus {
+    fn wake<S: Stream>(&self, s: &mut S, id: SandboxId, hash: TokenHash) -> HeadersStatus {
         let gw = self.gw;
         let Some(waker) = &gw.waker else {
             // No waker, no paused set: unreachable, answered as a wake that did not finish.
@@ -128,10 +132,16 @@ impl SandboxFilter {
             return self.after_wake(s);
         };
         self.wake_started.set(Some(Instant::now()));
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        self.wake_cancel.set(Some(cancel));
         let waker = Arc::clone(waker);
         // The task owns the scheduler: it makes the only commit, then frees it.
         gw.spawn(async move {
-            waker.hold(&place, &id).await;
+            tokio::select! {
+                _ = waker.hold(&place, &id, hash) => {}
+                // The filter is gone: the commit below reaches no stream.
+                _ = cancelled => {}
+            }
             drop(place);
             crate::ffi::Commit::commit(&scheduler, EVENT_WAKE_DONE);
         });
@@ -257,7 +267,7 @@ impl HttpFilter for SandboxFilter {
                 HeadersStatus::Replied
             }
             Decision::Hold(id) => self.hold(s, id),
-            Decision::Wake(id) => self.wake(s, id),
+            Decision::Wake(id, hash) => self.wake(s, id, hash),
             Decision::Forward(f) => self.forward(s, f),
         }
     }

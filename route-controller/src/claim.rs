@@ -167,6 +167,49 @@ pub async fn bind_warm(
     Ok(Bound::Empty)
 }
 
+/// A live pod this sandbox already owns that carries a route label: one an earlier attempt
+/// bound (a warm patch or a cold create) before its status write failed. A retry takes it
+/// instead of binding another (two pods with one ID, both mounting its volumes). The cache only
+/// nominates it: the pod is read from the API server, so a pod whose deletion the cache has not
+/// seen yet (the one a pause just deleted) is never taken.
+pub async fn owned_live_pod(ctx: &Context, sbx: &Sandbox) -> Result<Option<(Box<Pod>, String)>> {
+    let (Some(uid), Some(ns)) = (sbx.uid(), sbx.namespace()) else {
+        return Ok(None);
+    };
+    let live = |p: &Pod| {
+        p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Failed") | Some("Succeeded")
+            )
+            && crate::pods::sandbox_owner(p) == Some(uid.as_str())
+            && p.labels().contains_key(routing::contract::SANDBOX_ID_LABEL)
+    };
+    let nominee = ctx
+        .pods
+        .state()
+        .into_iter()
+        .find(|p| p.namespace().as_deref() == Some(ns.as_str()) && live(p));
+    let Some(nominee) = nominee else {
+        return Ok(None);
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let fresh = match pods.get(&nominee.name_any()).await {
+        Ok(p) if p.uid() == nominee.uid() && live(&p) => p,
+        Ok(_) => return Ok(None),
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(id) = fresh
+        .labels()
+        .get(routing::contract::SANDBOX_ID_LABEL)
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    Ok(Some((Box::new(fresh), id)))
+}
+
 /// Starts a pod for this claim alone (`onEmpty: Cold`).
 pub async fn bind_cold(
     ctx: &Context,

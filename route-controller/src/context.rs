@@ -295,6 +295,17 @@ impl Context {
         lock(&self.released_ids).insert(id.to_string());
     }
 
+    /// Forgets what this replica remembered of its own writes while it led before: another
+    /// leader may have moved every sandbox on since (paused one whose claim this replica
+    /// recorded, say), and a remembered status would then stand in for a newer cached one.
+    /// Called when this replica wins the Lease (again). A write in flight meanwhile is still
+    /// fenced by its resourceVersion.
+    pub fn forget_own_writes(&self) {
+        lock(&self.bound).clear();
+        lock(&self.pending_wakes).clear();
+        lock(&self.wake_started).clear();
+    }
+
     /// A wake arrived while the sandbox was pausing: resume once the pause is done.
     pub fn request_wake_after_pause(&self, sandbox_uid: &str) {
         lock(&self.pending_wakes).insert(sandbox_uid.to_string());

@@ -24,6 +24,10 @@ pub enum Error {
     /// A release could not delete the sandbox's pod (it kept changing): retried.
     #[error("the route of pod {0} is not removed yet")]
     RouteNotRemoved(String),
+    /// A claim with this sandbox's name exists but is not this sandbox's (a Sandbox deleted and
+    /// created again under one name, its old volume not collected yet): retried, never used.
+    #[error("the PersistentVolumeClaim {0} belongs to another (or a deleted) sandbox")]
+    VolumeNotOwned(String),
     /// A sandbox-extproc replica failed (idle pass).
     #[error("activity replica {endpoint}: {why}")]
     Replica { endpoint: String, why: String },
@@ -41,6 +45,7 @@ impl Error {
             Error::MissingField(_) => "missing_field",
             Error::Replica { .. } => "replica",
             Error::RouteNotRemoved(_) => "route_not_removed",
+            Error::VolumeNotOwned(_) => "volume_not_owned",
         }
     }
 

@@ -97,8 +97,8 @@ struct RunArgs {
     /// Pool pod creations allowed at once, per pool.
     #[arg(long, env = "SANDBOX_CONTROLLER_REFILL_BURST", default_value_t = 100)]
     refill_burst: usize,
-    /// The WakeService (gRPC, h2c): gateways ask it to resume paused sandboxes. `off` to
-    /// disable.
+    /// Where the WakeService (gRPC, h2c) listens: gateways ask it to resume paused sandboxes.
+    /// It runs only with --wake-token-file: nothing unauthenticated may wake sandboxes.
     #[arg(
         long,
         env = "SANDBOX_CONTROLLER_WAKE_BIND_ADDRESS",
@@ -147,28 +147,28 @@ async fn run_controller(a: RunArgs) -> Result<()> {
     if replicas.is_some() && activity_token.is_none() {
         tracing::warn!("no --activity-token-file: GetLastActive is sent unauthenticated");
     }
-    let wake = if a.wake_bind_address == "off" {
-        None
-    } else {
-        let addr: SocketAddr = a
-            .wake_bind_address
-            .parse()
-            .context("--wake-bind-address is host:port or off")?;
-        let token = match &a.wake_token_file {
-            Some(p) => Some(routing::bearer::BearerToken::from_file(p)?),
-            None => {
-                tracing::warn!(
-                    "no --wake-token-file: anyone who reaches the WakeService can wake sandboxes"
-                );
-                None
-            }
-        };
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the WakeService on {addr}"))?;
-        listener.set_nonblocking(true)?;
-        Some(sandbox_controller::context::WakeEndpoint::new(
-            listener, token,
-        ))
+    let wake = match &a.wake_token_file {
+        None => {
+            tracing::info!(
+                "no --wake-token-file: the WakeService is off (paused sandboxes wake only by \
+                 spec or annotation)"
+            );
+            None
+        }
+        Some(p) => {
+            let token = routing::bearer::BearerToken::from_file(p)?;
+            let addr: SocketAddr = a
+                .wake_bind_address
+                .parse()
+                .context("--wake-bind-address is host:port")?;
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the WakeService on {addr}"))?;
+            listener.set_nonblocking(true)?;
+            Some(sandbox_controller::context::WakeEndpoint::new(
+                listener,
+                Some(token),
+            ))
+        }
     };
     let cfg = Config {
         wake,

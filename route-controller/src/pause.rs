@@ -44,14 +44,33 @@ pub fn claim_name(sbx: &Sandbox, template: &str) -> String {
     format!("{}-{template}", sbx.name_any())
 }
 
-/// The token hash a sandbox's routes carry: from the marker, else its pod's annotation.
-fn token_hash_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Option<String> {
+/// The token hash a sandbox's routes carry: from the marker, else its pod's annotation, else
+/// the token Secret itself (a retried pause whose pod is gone, read from a cache that has not
+/// seen the marker yet, must not write the marker without its hash: that would open the
+/// sandbox). `None` only for a sandbox without a token Secret (`requireToken: false`).
+async fn token_hash_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Result<Option<String>> {
     if let Some(h) = sbx.annotations().get(TOKEN_SHA256_ANNOTATION) {
-        return Some(h.clone());
+        return Ok(Some(h.clone()));
     }
-    let name = sbx.status.as_ref()?.pod_name.clone()?;
-    let pod = ctx.pods.get(&ObjectRef::<Pod>::new(&name).within(ns))?;
-    pod.annotations().get(TOKEN_SHA256_ANNOTATION).cloned()
+    let st = sbx.status.clone().unwrap_or_default();
+    let pod = st
+        .pod_name
+        .as_ref()
+        .and_then(|name| ctx.pods.get(&ObjectRef::<Pod>::new(name).within(ns)));
+    if let Some(h) = pod.and_then(|p| p.annotations().get(TOKEN_SHA256_ANNOTATION).cloned()) {
+        return Ok(Some(h));
+    }
+    let Some(secret) = st.token_secret else {
+        return Ok(None);
+    };
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let token = api
+        .get(&secret)
+        .await?
+        .data
+        .and_then(|d| d.get(crate::claim::TOKEN_KEY).map(|b| b.0.clone()))
+        .ok_or(Error::MissingField("the token Secret's data.token"))?;
+    Ok(Some(routing::contract::token_sha256_hex(&token)))
 }
 
 /// Writes the paused marker; returns the Sandbox as written (its new resourceVersion).
@@ -125,11 +144,11 @@ pub async fn pause(ctx: &Context, sbx: &Sandbox) -> Result<Action> {
         .clone()
         .ok_or(Error::MissingField("status.sandboxId"))?;
     let by = st.pause_reason.unwrap_or(PauseReason::Idle);
-    let token_sha = token_hash_of(ctx, sbx, &ns);
+    let token_sha = token_hash_of(ctx, sbx, &ns).await?;
     let marked = mark_paused(ctx, sbx, &id, by, token_sha.as_deref()).await?;
     delete_route(ctx, &marked).await?;
     // Read now, forgotten only once the status is written: a retried write still honours it.
-    let wake = by == PauseReason::Idle && ctx.pending_wake(&uid);
+    let wake = by == PauseReason::Idle && sbx.spec.paused != Some(true) && ctx.pending_wake(&uid);
     let phase = if wake { Phase::Resuming } else { Phase::Paused };
     let mut conds = st.conditions.clone();
     set_condition(
@@ -196,7 +215,19 @@ pub async fn ensure_volumes(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) ->
         ctx.leader.check()?;
         match api.create(&PostParams::default(), &claim).await {
             Ok(_) => {}
-            Err(e) if is_conflict(&e) => {}
+            Err(e) if is_conflict(&e) => {
+                // It exists: ours from an earlier attempt, or a previous sandbox's of the same
+                // name that the garbage collector has not deleted yet (its files are not ours).
+                let name = claim_name(sbx, tpl);
+                let existing = api.get(&name).await?;
+                let ours = existing
+                    .owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == sbx.uid().as_ref());
+                if !ours || existing.metadata.deletion_timestamp.is_some() {
+                    return Err(Error::VolumeNotOwned(name));
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -245,8 +276,15 @@ pub async fn resume(ctx: &Arc<Context>, sbx: &Sandbox, pool: &SandboxPool) -> Re
             "the paused marker's access-token-sha256 annotation",
         ));
     }
-    let mut bound = Bound::Empty;
-    if !pool_settings.per_sandbox_volumes && has_candidates(ctx, sbx, pool)? {
+    // A pod an earlier attempt bound with this ID (its status write failed) is the resume's.
+    let mut bound = match crate::claim::owned_live_pod(ctx, sbx).await? {
+        Some((pod, owned_id)) if owned_id == id => Bound::Pod(pod, Launch::Cold),
+        _ => Bound::Empty,
+    };
+    if matches!(bound, Bound::Empty)
+        && !pool_settings.per_sandbox_volumes
+        && has_candidates(ctx, sbx, pool)?
+    {
         bound = bind_warm(ctx, sbx, pool, &settings, &id, token_sha.as_deref()).await?;
     }
     if matches!(bound, Bound::Empty) {

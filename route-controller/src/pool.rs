@@ -38,6 +38,11 @@ pub async fn reconcile(pool: Arc<SandboxPool>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::await_change());
     }
     ctx.leader.check()?;
+    if !ctx.metrics.is_ready() {
+        // Until the pod caches have listed, the pool's pods look missing: creating for them
+        // would over-create after every restart.
+        return Ok(Action::requeue(std::time::Duration::from_millis(200)));
+    }
     let api_pool: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), &ns);
     let settings = match PoolSettings::resolve(&pool.spec) {
         Ok(s) => s,

@@ -79,9 +79,19 @@ pub async fn delete_route(ctx: &Context, sbx: &Sandbox) -> Result<()> {
     Ok(())
 }
 
-/// Releases a sandbox for `reason`: route first, then the status says Released.
+/// Releases a sandbox for `reason`: route first, then the paused marker (a released sandbox is
+/// a 404, never a held wake), then the status says Released.
 pub async fn release(ctx: &Context, sbx: &Sandbox, reason: ReleaseReason) -> Result<()> {
     delete_route(ctx, sbx).await?;
+    match crate::pause::clear_marker(ctx, sbx).await {
+        Ok(()) => {}
+        Err(Error::Kube(e)) if is_not_found(&e) => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(uid) = sbx.uid() {
+        ctx.forget_pending_wake(&uid);
+        ctx.take_wake_started(&uid);
+    }
     let ns = namespace_of(sbx)?;
     let api: Api<Sandbox> = Api::namespaced(ctx.client.clone(), &ns);
     let from = sbx.status.as_ref().map(|s| s.phase).unwrap_or_default();

@@ -214,6 +214,17 @@ pub async fn run(
             }
         }
     };
+    let forget_on_gain = {
+        let ctx = ctx.clone();
+        let gained = leadership_gained(&leader);
+        async move {
+            futures_util::pin_mut!(gained);
+            while gained.next().await.is_some() {
+                ctx.forget_own_writes();
+            }
+            std::future::pending::<()>().await
+        }
+    };
     let paused_gauge = {
         let (sandboxes, metrics) = (sandboxes.clone(), metrics.clone());
         async move {
@@ -239,6 +250,7 @@ pub async fn run(
         _ = idle => {}
         _ = ready => {}
         _ = paused_gauge => {}
+        _ = forget_on_gain => {}
         r = wake => r?,
     }
     Ok(())

@@ -36,6 +36,11 @@ pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.leader.is_leader() {
         return Ok(Action::await_change()); // a standby only keeps its caches warm
     }
+    if !ctx.metrics.is_ready() {
+        // Until every cache has listed, a missing pool or pod proves nothing: a restarted
+        // controller must not release a sandbox (PoolDeleted, PodFailed) it has not seen yet.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
     let ns = namespace_of(&*sbx)?;
     if sbx.metadata.deletion_timestamp.is_some() {
         if sbx.finalizers().iter().any(|f| f == FINALIZER) {
@@ -84,10 +89,7 @@ pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
             let ns = namespace_of(&*sbx)?;
             match pool_of(&ctx, &sbx, &ns) {
                 Some(pool) => crate::pause::resume(&ctx, &sbx, &pool).await,
-                None => {
-                    release(&ctx, &sbx, ReleaseReason::PoolDeleted).await?;
-                    Ok(Action::await_change())
-                }
+                None => release_if_pool_gone(&ctx, &sbx, &ns).await,
             }
         }
         Phase::Pending if status.pod_uid.is_none() => claim(&ctx, &sbx).await,
@@ -102,8 +104,7 @@ async fn paused(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let ns = namespace_of(sbx)?;
     let st = sbx.status.clone().unwrap_or_default();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
-        release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
-        return Ok(Action::await_change());
+        return release_if_pool_gone(ctx, sbx, &ns).await;
     };
     let settings =
         PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
@@ -151,6 +152,23 @@ fn pool_of(ctx: &Context, sbx: &Sandbox, ns: &str) -> Option<Arc<SandboxPool>> {
     ctx.pools
         .get(&ObjectRef::new(&sbx.spec.pool_ref).within(ns))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
+}
+
+/// Releases a bound (or paused) sandbox whose pool the cache misses, once the API server
+/// confirms the pool is gone or going: a release decided from a cache alone could end a live
+/// session over a lagging watch. Otherwise looks again soon.
+async fn release_if_pool_gone(ctx: &Context, sbx: &Sandbox, ns: &str) -> Result<Action> {
+    let api: Api<SandboxPool> = Api::namespaced(ctx.client.clone(), ns);
+    let gone = match api.get(&sbx.spec.pool_ref).await {
+        Ok(p) => p.metadata.deletion_timestamp.is_some(),
+        Err(e) if is_not_found(&e) => true,
+        Err(e) => return Err(e.into()),
+    };
+    if !gone {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
+    Ok(Action::await_change())
 }
 
 /// Writes conditions onto a sandbox that stays where it is (nothing else changes).
@@ -259,10 +277,24 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         None
     };
     let token_sha = token_hash(&settings, token.as_deref());
-    let id = crate::ids::new_unique_id(|c| ctx.id_taken(c))?;
+    // A pod an earlier attempt built (its status write failed) is this claim's: never a second
+    // one with the same volumes. Only where a claim builds pods (a scan of the pod cache per
+    // warm claim would make a burst of claims quadratic; a warm retry is fenced by the patch).
+    let adopted = if cold && !warm {
+        crate::claim::owned_live_pod(ctx, sbx).await?
+    } else {
+        None
+    };
+    let id = match &adopted {
+        Some((_, id)) => id.clone(),
+        None => crate::ids::new_unique_id(|c| ctx.id_taken(c))?,
+    };
     ctx.note_drawn(&id);
-    let mut bound = Bound::Empty;
-    if warm {
+    let mut bound = match adopted {
+        Some((pod, _)) => Bound::Pod(pod, Launch::Cold),
+        None => Bound::Empty,
+    };
+    if warm && matches!(bound, Bound::Empty) {
         bound = bind_warm(ctx, sbx, &pool, &settings, &id, token_sha.as_deref()).await?;
     }
     if matches!(bound, Bound::Empty) {
@@ -354,8 +386,7 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let ns = namespace_of(sbx)?;
     let mut st = sbx.status.clone().unwrap_or_default();
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
-        release(ctx, sbx, ReleaseReason::PoolDeleted).await?;
-        return Ok(Action::await_change());
+        return release_if_pool_gone(ctx, sbx, &ns).await;
     };
     let settings =
         PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));

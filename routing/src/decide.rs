@@ -49,19 +49,24 @@ pub enum Decision {
     Ready(Ready),
     /// No route yet: wait up to `miss_hold` for it, then call [`decide_after_hold`].
     Hold(SandboxId),
-    /// The sandbox is paused and the request may use it (its token checked): hold it while the
-    /// controller wakes it, up to `wake.timeout`, then call [`decide_after_wake`].
-    Wake(SandboxId),
+    /// The sandbox is paused and the request may use it (its token checked against the marker
+    /// whose hash it carries): hold it while the controller wakes it, up to `wake.timeout`, then
+    /// call [`decide_after_wake`].
+    Wake(SandboxId, TokenHash),
     /// Send the request to `route` (on `port`, or the route's default port).
     Forward(Forward),
 }
+
+/// The token hash a wake was checked against (`None`: the sandbox needs no token). The
+/// controller refuses the wake unless it is the hash of the sandbox that has the ID.
+pub type TokenHash = Option<[u8; 32]>;
 
 /// What to do with a request after its miss hold: there is no second miss hold, but the
 /// sandbox may have turned out to be paused (its route vanished before its marker arrived).
 #[derive(Debug)]
 pub enum AfterHold {
     Reply(ErrorReply),
-    Wake(SandboxId),
+    Wake(SandboxId, TokenHash),
     Forward(Forward),
 }
 
@@ -225,7 +230,7 @@ impl From<AfterHold> for Decision {
     fn from(d: AfterHold) -> Self {
         match d {
             AfterHold::Reply(r) => Decision::Reply(r),
-            AfterHold::Wake(id) => Decision::Wake(id),
+            AfterHold::Wake(id, hash) => Decision::Wake(id, hash),
             AfterHold::Forward(f) => Decision::Forward(f),
         }
     }
@@ -242,7 +247,7 @@ impl From<FinalDecision> for AfterHold {
 
 /// A route that is not Ready while its sandbox is paused (a resume under way): the request is
 /// a wake, not a `sandbox_not_ready`.
-fn paused_route(table: &RouteTable, found: &Found<'_>) -> Option<Arc<Paused>> {
+fn paused_route(table: &RouteTable, found: &Found<'_>) -> Option<Arc<[Paused]>> {
     if found.route.spec.ready {
         return None;
     }
@@ -251,20 +256,28 @@ fn paused_route(table: &RouteTable, found: &Found<'_>) -> Option<Arc<Paused>> {
 
 /// A request for a paused sandbox: its token is checked exactly as its route would check it
 /// (nobody wakes a sandbox they could not have used), then a wake, or `409 sandbox_paused` when
-/// its owner paused it.
+/// its owner paused it. With several markers for the ID (another object forged it), the token
+/// picks the marker it opens, so a forged marker cannot lock the real owner out.
 fn wake_or_refuse<R: RequestView + ?Sized>(
     cfg: &GatewayConfig,
     h: &R,
     id: SandboxId,
-    p: &Paused,
+    marks: &[Paused],
 ) -> AfterHold {
-    if let Some(code) = token_refusal(cfg, h, p.token_sha256.as_ref()) {
-        return AfterHold::Reply(ErrorReply::about(code, id, cfg));
+    let mut refused = None;
+    // Markers that need a token first: one that needs none must not win over the owner's.
+    let with_token = marks.iter().filter(|p| p.token_sha256.is_some());
+    for p in with_token.chain(marks.iter().filter(|p| p.token_sha256.is_none())) {
+        match token_refusal(cfg, h, p.token_sha256.as_ref()) {
+            None if !p.wakeable => {
+                return AfterHold::Reply(ErrorReply::about(ReplyCode::SandboxPaused, id, cfg))
+            }
+            None => return AfterHold::Wake(id, p.token_sha256),
+            Some(code) => refused = refused.or(Some(code)),
+        }
     }
-    if !p.wakeable {
-        return AfterHold::Reply(ErrorReply::about(ReplyCode::SandboxPaused, id, cfg));
-    }
-    AfterHold::Wake(id)
+    let code = refused.unwrap_or(ReplyCode::InvalidAccessToken);
+    AfterHold::Reply(ErrorReply::about(code, id, cfg))
 }
 
 /// Why the request's token does not open a sandbox whose token hashes to `expected` (`None`:
@@ -773,11 +786,14 @@ mod tests {
             token_sha256: hash,
             wakeable,
         };
-        t.set_paused("zz", paused(true));
+        t.set_paused("zz", vec![paused(true)]);
         let with = [("x-sandbox-id", "zz"), ("x-access-token", "secret")];
         let without = [("x-sandbox-id", "zz")];
         let wrong = [("x-sandbox-id", "zz"), ("x-access-token", "nope")];
-        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(id) if id.as_str() == "zz"));
+        assert!(matches!(
+            decide(&cfg, &t, &req(&with)),
+            Decision::Wake(id, h) if id.as_str() == "zz" && h == hash
+        ));
         assert_eq!(
             reply(decide(&cfg, &t, &req(&without))).code,
             MissingAccessToken
@@ -789,7 +805,7 @@ mod tests {
         // A miss hold that ends on the marker becomes a wake, with the same token rule.
         assert!(matches!(
             decide_after_hold(&cfg, &t, &req(&with)),
-            AfterHold::Wake(_)
+            AfterHold::Wake(..)
         ));
         assert_eq!(
             after_reply(decide_after_hold(&cfg, &t, &req(&wrong))).code,
@@ -802,7 +818,7 @@ mod tests {
             (503, SandboxWaking, Some(5))
         );
         // Paused by its owner: 409, never a wake (but a bad token is still a 401 first).
-        t.set_paused("zz", paused(false));
+        t.set_paused("zz", vec![paused(false)]);
         let r = reply(decide(&cfg, &t, &req(&with)));
         assert_eq!(
             (r.status(), r.code, r.retry_after_secs),
@@ -813,7 +829,7 @@ mod tests {
             InvalidAccessToken
         );
         // A resume under way (a route, not Ready yet) is still a wake; a Ready route forwards.
-        t.set_paused("zz", paused(true));
+        t.set_paused("zz", vec![paused(true)]);
         let spec = |ready| RouteSpec {
             id: "zz".into(),
             ip: "10.0.0.7".parse().unwrap(),
@@ -824,7 +840,7 @@ mod tests {
             resource_version: 0,
         };
         t.upsert(spec(false));
-        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(_)));
+        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(..)));
         t.upsert(spec(true));
         assert!(matches!(
             decide(&cfg, &t, &req(&with)),
@@ -841,6 +857,23 @@ mod tests {
             final_reply(decide_after_wake(&cfg, &t, &req(&with))).code,
             SandboxNotFound
         );
+        // A second marker for the ID (another object forging it) with another token: each
+        // token opens its own marker, and the forged one cannot lock the owner out.
+        let forged = Paused {
+            token_sha256: Some([7u8; 32]),
+            wakeable: true,
+        };
+        t.set_paused("zz", vec![forged, paused(true)]);
+        assert!(matches!(decide(&cfg, &t, &req(&with)), Decision::Wake(_, h) if h == hash));
+        assert_eq!(
+            reply(decide(&cfg, &t, &req(&wrong))).code,
+            InvalidAccessToken
+        );
+        assert_eq!(
+            reply(decide(&cfg, &t, &req(&without))).code,
+            MissingAccessToken
+        );
+        t.clear_paused("zz");
         // Unknown IDs never look paused.
         assert!(matches!(
             decide(&cfg, &t, &req(&[("x-sandbox-id", "other")])),

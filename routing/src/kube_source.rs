@@ -154,13 +154,15 @@ enum Ev {
 /// synced.
 type Scope = (bool, Option<String>);
 
-/// The paused set as the marker watch builds it: which IDs each `Sandbox` (by UID) marks, and
-/// the UIDs seen by a relist in progress.
+/// The paused set as the marker watch builds it: each marked `Sandbox` (by UID) with its ID and
+/// marker, every marker naming each ID (so an object that forges another sandbox's ID adds a
+/// marker, with its own token, beside the real one instead of replacing it), and the UIDs seen by
+/// a relist in progress.
 #[derive(Default)]
 struct PausedView {
-    by_uid: HashMap<String, String>,
+    by_uid: HashMap<String, (String, String)>,
+    by_id: HashMap<String, std::collections::BTreeMap<String, crate::table::Paused>>,
     relist: HashMap<Option<String>, HashSet<String>>,
-    namespace_of: HashMap<String, String>,
 }
 
 impl PausedView {
@@ -171,25 +173,43 @@ impl PausedView {
         if let Some(seen) = self.relist.get_mut(scope) {
             seen.insert(uid.clone());
         }
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
-        self.namespace_of.insert(uid.clone(), ns);
         match paused_entry(s) {
             Some((id, p)) => {
-                if let Some(old) = self.by_uid.insert(uid, id.clone()) {
+                let ns = s.metadata.namespace.clone().unwrap_or_default();
+                if let Some((old, _)) = self.by_uid.insert(uid.clone(), (id.clone(), ns)) {
                     if old != id {
-                        table.clear_paused(&old);
+                        self.unmark(table, &old, &uid);
                     }
                 }
-                table.set_paused(&id, p);
+                self.by_id.entry(id.clone()).or_default().insert(uid, p);
+                self.publish(table, &id);
             }
             None => self.delete(table, &uid),
         }
     }
 
+    fn unmark(&mut self, table: &RouteTable, id: &str, uid: &str) {
+        if let Some(marks) = self.by_id.get_mut(id) {
+            marks.remove(uid);
+            if marks.is_empty() {
+                self.by_id.remove(id);
+            }
+        }
+        self.publish(table, id);
+    }
+
+    fn publish(&self, table: &RouteTable, id: &str) {
+        let marks = self
+            .by_id
+            .get(id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        table.set_paused(id, marks);
+    }
+
     fn delete(&mut self, table: &RouteTable, uid: &str) {
-        self.namespace_of.remove(uid);
-        if let Some(id) = self.by_uid.remove(uid) {
-            table.clear_paused(&id);
+        if let Some((id, _)) = self.by_uid.remove(uid) {
+            self.unmark(table, &id, uid);
         }
     }
 
@@ -199,14 +219,9 @@ impl PausedView {
         };
         let gone: Vec<String> = self
             .by_uid
-            .keys()
-            .filter(|uid| {
-                !seen.contains(*uid)
-                    && scope
-                        .as_ref()
-                        .is_none_or(|ns| self.namespace_of.get(*uid) == Some(ns))
-            })
-            .cloned()
+            .iter()
+            .filter(|(uid, (_, ns))| !seen.contains(*uid) && scope.as_ref().is_none_or(|s| s == ns))
+            .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
             self.delete(table, &uid);

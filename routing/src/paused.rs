@@ -5,7 +5,11 @@
 //! The marker: label `sandboxgateway.io/paused: <sandbox ID>`, annotation
 //! `sandboxgateway.io/access-token-sha256` (the hash its pods carried; absent: no token) and
 //! `sandboxgateway.io/paused-by` (`Spec`: its owner paused it and traffic does not wake it).
-//! Only `metadata` is read.
+//! Labels and annotations are the object's owner's to write, so a marker counts only when the
+//! status (a subresource only the controller writes) agrees: `status.sandboxId` is the labelled
+//! ID and `status.phase` is `Pausing`, `Paused` or `Resuming`. A tenant who can create Sandbox
+//! objects therefore cannot forge another sandbox's marker. Only metadata and those two status
+//! fields are read.
 
 use crate::contract::TOKEN_SHA256_ANNOTATION;
 use crate::key::validate_id;
@@ -21,11 +25,24 @@ pub const PAUSED_LABEL: &str = "sandboxgateway.io/paused";
 /// Who paused it: `Idle` (traffic wakes it) or `Spec` (its owner; traffic does not).
 pub const PAUSED_BY_ANNOTATION: &str = "sandboxgateway.io/paused-by";
 
-/// A `Sandbox` reduced to its metadata (serde skips spec and status unparsed).
+/// A `Sandbox` reduced to its metadata and the two status fields that vouch for its marker
+/// (serde skips the rest unparsed).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct PausedSandbox {
     #[serde(default)]
     pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub status: Option<PausedStatus>,
+}
+
+/// `status.sandboxId` and `status.phase`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PausedStatus {
+    #[serde(default)]
+    pub sandbox_id: Option<String>,
+    #[serde(default)]
+    pub phase: Option<String>,
 }
 
 impl kube::Resource for PausedSandbox {
@@ -53,12 +70,22 @@ impl kube::Resource for PausedSandbox {
 }
 
 /// The paused entry a marked `Sandbox` stands for: its ID and what a wake needs. `None` when the
-/// marker is malformed (a bad ID, or a token annotation that is not a SHA-256): such a sandbox
-/// stays unknown (404), so a bad annotation never opens it.
+/// marker is malformed (a bad ID, or a token annotation that is not a SHA-256) or the status does
+/// not vouch for it (another ID, or a phase that is not a pause's): such a sandbox stays unknown
+/// (404), so neither a bad annotation nor a forged label opens or blocks it.
 pub fn paused_entry(s: &PausedSandbox) -> Option<(String, Paused)> {
     let meta = &s.metadata;
     let id = meta.labels.as_ref()?.get(PAUSED_LABEL)?;
     if validate_id(id.as_bytes()).is_err() || meta.deletion_timestamp.is_some() {
+        return None;
+    }
+    let st = s.status.as_ref()?;
+    let vouched = st.sandbox_id.as_deref() == Some(id.as_str())
+        && matches!(
+            st.phase.as_deref(),
+            Some("Pausing") | Some("Paused") | Some("Resuming")
+        );
+    if !vouched {
         return None;
     }
     let annotations = meta.annotations.as_ref();
@@ -89,7 +116,7 @@ mod tests {
             "metadata": { "name": "s", "namespace": "ns", "uid": "u",
                           "labels": labels, "annotations": annotations },
             "spec": { "poolRef": "p" },
-            "status": { "phase": "Paused", "sandboxId": "ignored" }
+            "status": { "phase": "Paused", "sandboxId": "abc" }
         }))
         .unwrap()
     }
@@ -118,8 +145,26 @@ mod tests {
                 json!({ PAUSED_LABEL: "abc" }),
                 json!({ TOKEN_SHA256_ANNOTATION: "zz" }),
             ),
+            // Another ID than the status names: a forged label.
+            (json!({ PAUSED_LABEL: "victim" }), json!({})),
         ] {
             assert!(paused_entry(&sandbox(labels, annotations)).is_none());
+        }
+        // The status must vouch: no status (a new object), or a phase that is not a pause's.
+        let mut s = sandbox(json!({ PAUSED_LABEL: "abc" }), json!({}));
+        s.status = None;
+        assert!(paused_entry(&s).is_none());
+        let with_phase = |phase: &str| PausedStatus {
+            sandbox_id: Some("abc".into()),
+            phase: Some(phase.into()),
+        };
+        for phase in ["Ready", "Pending", "Released"] {
+            s.status = Some(with_phase(phase));
+            assert!(paused_entry(&s).is_none(), "{phase}");
+        }
+        for phase in ["Pausing", "Paused", "Resuming"] {
+            s.status = Some(with_phase(phase));
+            assert!(paused_entry(&s).is_some(), "{phase}");
         }
     }
 

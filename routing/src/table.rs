@@ -85,9 +85,10 @@ pub struct Paused {
 /// The shared route table.
 pub struct RouteTable {
     routes: papaya::HashMap<Arc<str>, Arc<Route>, ahash::RandomState>,
-    /// Paused sandboxes by ID. Read only on a miss (or a route that is not ready), so the hit
-    /// path never touches it.
-    paused: papaya::HashMap<Arc<str>, Arc<Paused>, ahash::RandomState>,
+    /// Paused sandboxes by ID: every marker that names the ID (normally one; more only if some
+    /// other object carries the same ID, and then each keeps its own token). Read only on a miss
+    /// (or a route that is not ready), so the hit path never touches it.
+    paused: papaya::HashMap<Arc<str>, Arc<[Paused]>, ahash::RandomState>,
     activity: ActivityTracker,
     /// Requests held on a miss, by sandbox ID: concurrent misses for one ID share one entry, and
     /// an upsert wakes only the requests waiting for that ID.
@@ -156,13 +157,17 @@ impl RouteTable {
         }
     }
 
-    /// Records `id` as paused. Returns false when nothing changed.
-    pub fn set_paused(&self, id: &str, p: Paused) -> bool {
+    /// Records `id` as paused by `marks` (every marker naming it; none clears it). Returns false
+    /// when nothing changed.
+    pub fn set_paused(&self, id: &str, marks: Vec<Paused>) -> bool {
+        if marks.is_empty() {
+            return self.clear_paused(id);
+        }
         let paused = self.paused.pin();
-        if paused.get(id).is_some_and(|old| **old == p) {
+        if paused.get(id).is_some_and(|old| **old == marks[..]) {
             return false;
         }
-        paused.insert(id.into(), Arc::new(p));
+        paused.insert(id.into(), marks.into());
         drop(paused);
         self.notify(id);
         true
@@ -178,7 +183,7 @@ impl RouteTable {
     }
 
     #[inline]
-    pub fn paused(&self, id: &str) -> Option<Arc<Paused>> {
+    pub fn paused(&self, id: &str) -> Option<Arc<[Paused]>> {
         self.paused.pin().get(id).map(Arc::clone)
     }
 

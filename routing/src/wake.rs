@@ -10,6 +10,7 @@
 //! bound. Everything runs on the gateway's own runtime: never on an Envoy worker.
 
 use crate::config::WakeConfig;
+use crate::decide::TokenHash;
 use crate::table::RouteTable;
 use futures_util::future::{select_ok, BoxFuture, FutureExt};
 use sandbox_gateway_proto::v1::wake_response::Result as WakeResult;
@@ -67,7 +68,9 @@ pub struct Waker {
     rt: tokio::runtime::Handle,
     requester: String,
     held: Arc<Semaphore>,
-    inflight: Mutex<HashSet<Arc<str>>>,
+    /// Wakes in flight, by sandbox ID and the token hash they were checked against (a forged
+    /// marker's wake, which the controller refuses, never stands in for the owner's).
+    inflight: Mutex<HashSet<(Arc<str>, TokenHash)>>,
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     pub stats: WakeStats,
 }
@@ -121,15 +124,25 @@ impl Waker {
         lock(&self.inflight).len()
     }
 
-    /// Holds a request for `id` (its token already checked) until its route is Ready, its
-    /// marker goes, or the bound passes; starts the sandbox's wake if none is in flight.
-    pub async fn hold(self: &Arc<Self>, _place: &WakeHold, id: &str) -> WakeEnd {
-        self.start(id);
+    /// Holds a request for `id` (its token already checked against the marker hashed `hash`)
+    /// until its route is Ready, its marker goes, or the bound passes; starts the sandbox's wake
+    /// if none is in flight.
+    pub async fn hold(self: &Arc<Self>, _place: &WakeHold, id: &str, hash: TokenHash) -> WakeEnd {
         let deadline = Instant::now() + self.cfg.timeout;
         let ready = |t: &RouteTable| t.get(id).is_some_and(|r| r.spec.ready);
-        self.table
-            .wait_until(id, deadline, |t| ready(t) || t.paused(id).is_none())
-            .await;
+        // The flight's own bound came from the request that started it: a request held later
+        // starts a new one (a no-op while one runs) every REASK until its own bound.
+        loop {
+            self.start(id, hash);
+            let next = deadline.min(Instant::now() + REASK);
+            let settled = self
+                .table
+                .wait_until(id, next, |t| ready(t) || t.paused(id).is_none())
+                .await;
+            if settled || Instant::now() >= deadline {
+                break;
+            }
+        }
         if ready(&self.table) {
             return WakeEnd::Ready;
         }
@@ -143,27 +156,27 @@ impl Waker {
     }
 
     /// Starts the single-flight wake of `id` unless one is running.
-    fn start(self: &Arc<Self>, id: &str) {
-        let id: Arc<str> = id.into();
-        if !lock(&self.inflight).insert(Arc::clone(&id)) {
+    fn start(self: &Arc<Self>, id: &str, hash: TokenHash) {
+        let key: (Arc<str>, TokenHash) = (id.into(), hash);
+        if !lock(&self.inflight).insert(key.clone()) {
             return;
         }
         self.stats.flights.fetch_add(1, Ordering::Relaxed);
         let this = Arc::clone(self);
         self.rt.spawn(async move {
-            this.fly(&id).await;
-            lock(&this.inflight).remove(&id);
+            this.fly(&key.0, key.1).await;
+            lock(&this.inflight).remove(&key);
         });
     }
 
     /// Asks until the sandbox is settled (Ready, or no longer paused) or the bound passes.
-    async fn fly(&self, id: &str) {
+    async fn fly(&self, id: &str, hash: TokenHash) {
         let deadline = Instant::now() + self.cfg.timeout;
         let settled =
             |t: &RouteTable| t.get(id).is_some_and(|r| r.spec.ready) || t.paused(id).is_none();
         let mut backoff = Duration::from_millis(50);
         while !settled(&self.table) && Instant::now() < deadline {
-            match self.ask(id).await {
+            match self.ask(id, hash).await {
                 Ok(WakeResult::Accepted | WakeResult::Running) => {
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);
@@ -188,13 +201,8 @@ impl Waker {
     }
 
     /// One round: every address of the endpoint, at once; the first answer wins.
-    async fn ask(&self, id: &str) -> Result<WakeResult, String> {
-        let token_sha256 = self
-            .table
-            .paused(id)
-            .and_then(|p| p.token_sha256)
-            .map(hex::encode)
-            .unwrap_or_default();
+    async fn ask(&self, id: &str, hash: TokenHash) -> Result<WakeResult, String> {
+        let token_sha256 = hash.map(hex::encode).unwrap_or_default();
         let addrs = self.resolve().await?;
         let calls: Vec<BoxFuture<'_, Result<WakeResult, String>>> = addrs
             .into_iter()

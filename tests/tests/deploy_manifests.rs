@@ -1284,11 +1284,11 @@ fn controller_rbac_is_exactly_what_the_code_calls() {
         cluster(sgw, "sandboxes", &["get", "list", "watch", "patch"]),
         cluster(sgw, "sandboxes/status", &["patch"]),
         cluster(sgw, "sandboxes/finalizers", &["update"]),
-        cluster(sgw, "sandboxpools", &["list", "watch"]),
+        cluster(sgw, "sandboxpools", &["get", "list", "watch"]),
         cluster(sgw, "sandboxpools/status", &["patch"]),
         cluster(sgw, "sandboxpools/finalizers", &["update"]),
         cluster("events.k8s.io", "events", &["create", "patch"]),
-        cluster("", "persistentvolumeclaims", &["create"]),
+        cluster("", "persistentvolumeclaims", &["create", "get"]),
         ns(
             ("coordination.k8s.io", "leases"),
             &["sandbox-controller"],

@@ -57,19 +57,21 @@ impl Drop for Controller {
     }
 }
 
+/// Dropped in field order: the controller and the gateway first, the API server last (so
+/// nothing logs a lost API server on the way down).
 struct Stack {
-    _api: FakeApiServer,
-    kc: kube::Client,
-    _kubelet: TestKubelet,
+    ctl: Option<Controller>,
     /// The gateway's Envoy (and, in ext_proc mode, its sandbox-extproc).
     envoy: Envoy,
     extproc: Option<ExtProc>,
     /// The activity replica the controller asks (in ext_proc mode: the gateway's own).
     activity: Option<ExtProc>,
-    ctl: Option<Controller>,
     wake_addr: SocketAddr,
     /// The gateway config (module mode: a second Envoy can load the same).
     gw_cfg: Value,
+    _kubelet: TestKubelet,
+    kc: kube::Client,
+    _api: FakeApiServer,
     dir: tempfile::TempDir,
     _volumes: tempfile::TempDir,
 }
@@ -570,7 +572,7 @@ async fn controller_down_means_sandbox_waking_then_a_wake_once_it_is_back() -> R
     let mut s = Stack::start(Mode::Module, 1_500).await?;
     s.pool("warm", json!({})).await?;
     let (id, token, pod) = s.claim("late", "warm").await?;
-    let (other, other_token, _) = s.claim("other", "warm").await?;
+    let (other, other_token, other_pod) = s.claim("other", "warm").await?;
     s.pause_now("late").await?;
     s.wait_paused_at_gateway(&id, &pod, 1).await?;
     s.ctl.take(); // the controller crashes
@@ -637,6 +639,21 @@ async fn controller_down_means_sandbox_waking_then_a_wake_once_it_is_back() -> R
             .and_then(|s| s.sandbox_id)
             == Some(id)
     );
+    // The restart released nothing: the other sandbox kept its pod and is still served (a
+    // restarted controller once released sandboxes whose pool its cache had not listed yet).
+    let st = s.sandboxes().get("other").await?.status.context("status")?;
+    ensure!(
+        st.phase == Phase::Ready && st.pod_name.as_deref() == Some(other_pod.as_str()),
+        "the restart touched another sandbox: {:?} {:?}",
+        st.phase,
+        st.pod_name
+    );
+    let r = client::get(s.gw(), "/", &auth(&other, &other_token)).await?;
+    ensure!(
+        r.status == 200,
+        "another sandbox after the restart: {}",
+        r.status
+    );
     Ok(())
 }
 
@@ -688,6 +705,64 @@ async fn two_gateways_waking_at_once_resume_it_once() -> Result<()> {
         "Paused → Resuming writes: {resumed:?}"
     );
     ensure!(s.wakes("accepted").await >= 2, "both gateways asked");
+    Ok(())
+}
+
+/// Another object carrying a victim's paused marker (a tenant who may create Sandboxes labels
+/// one with the victim's ID and a token of their own): its status does not vouch for the label
+/// (only the controller writes status), so the gateway ignores it. The forger's token is refused
+/// (401, nothing woken) and the victim's still wakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_marker_neither_wakes_nor_locks_out_the_sandbox() -> Result<()> {
+    let s = Stack::start(Mode::Module, 3_000).await?;
+    s.pool("warm", json!({})).await?;
+    let (id, token, pod) = s.claim("victim", "warm").await?;
+    s.pause_now("victim").await?;
+    s.wait_paused_at_gateway(&id, &pod, 0).await?;
+    let forger_token = "the-forgers-own-token";
+    let forged: Sandbox = serde_json::from_value(json!({
+        "apiVersion": "sandboxgateway.io/v1alpha1", "kind": "Sandbox",
+        "metadata": {
+            "name": "forger", "namespace": NS,
+            "labels": { "sandboxgateway.io/paused": id },
+            "annotations": {
+                "sandboxgateway.io/access-token-sha256":
+                    routing::contract::token_sha256_hex(forger_token.as_bytes()),
+                "sandboxgateway.io/paused-by": "Spec",
+            },
+        },
+        // No such pool: the controller leaves it Pending (PoolMissing) and never pauses it.
+        "spec": { "poolRef": "nopool" },
+    }))?;
+    s.sandboxes()
+        .create(&PostParams::default(), &forged)
+        .await?;
+    // Let the gateway's watch see it (and the controller's PoolMissing status write).
+    s.phase("forger", Phase::Pending).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let r = client::get(s.gw(), "/", &auth(&id, forger_token)).await?;
+        ensure!(r.status == 401, "the forger: {} {}", r.status, r.text());
+    }
+    ensure!(
+        s.wakes("not_found").await == 0,
+        "a forged wake reached the controller"
+    );
+    let st = s
+        .sandboxes()
+        .get("victim")
+        .await?
+        .status
+        .context("status")?;
+    ensure!(
+        st.phase == Phase::Paused,
+        "the forger woke the victim: {:?}",
+        st.phase
+    );
+    // Not locked out (the forged marker says `Spec`, which would be a 409): the owner's token
+    // opens the real marker and wakes it.
+    let r = client::get(s.gw(), "/hello", &auth(&id, &token)).await?;
+    ensure!(r.status == 200, "the owner: {} {}", r.status, r.text());
     Ok(())
 }
 

@@ -286,7 +286,8 @@ impl Stream for EnvoyStream<'_> {
 ///
 /// Envoy's object refers to the worker's dispatcher: a commit after Envoy has torn its workers
 /// down (server shutdown, before the config is destroyed) is Envoy's to survive, and nothing here
-/// can prevent it; the window is at most one miss hold (`miss_hold_ms`).
+/// can prevent it; the window is at most one hold (a miss hold, `miss_hold_ms`, or a wake hold,
+/// `wake.timeout_ms`), and closes when the config's runtime shuts down (its tasks are dropped).
 pub struct EnvoyScheduler {
     raw: abi::filter_scheduler_ptr,
 }
