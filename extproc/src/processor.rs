@@ -146,7 +146,7 @@ impl Processor {
             Decision::Reply(r) => (self.reply(r, &view), None),
             Decision::Ready(r) => (self.ready(r), None),
             Decision::Forward(f) => self.forward(f, &view),
-            Decision::Wake(id, hash) => self.wake(id, hash, &view, interim).await,
+            Decision::Wake(id, hash) => self.wake(id, hash, &view, attributes, interim).await,
             Decision::Hold(id) => {
                 self.activity.metrics.miss_holds.inc();
                 // Always admitted; when full, the heaviest client's oldest hold gives way.
@@ -160,7 +160,7 @@ impl Processor {
                     routing::decide::AfterHold::Reply(r) => (self.reply(r, &view), None),
                     routing::decide::AfterHold::Forward(f) => self.forward(f, &view),
                     routing::decide::AfterHold::Wake(id, hash) => {
-                        self.wake(id, hash, &view, interim).await
+                        self.wake(id, hash, &view, attributes, interim).await
                     }
                 }
             }
@@ -180,6 +180,7 @@ impl Processor {
         id: SandboxId,
         hash: routing::decide::TokenHash,
         view: &Headers<'_>,
+        attributes: &HashMap<String, Struct>,
         interim: &Interim,
     ) -> (ProcessingResponse, Option<StreamSlot>) {
         let table = &self.activity.table;
@@ -188,10 +189,15 @@ impl Processor {
             let r = ErrorReply::about(ReplyCode::SandboxWaking, id, &self.cfg);
             return (self.reply(r, view), None);
         };
-        let Some(place) = waker.admit() else {
-            let r = ErrorReply::about(ReplyCode::TooManyWakes, id, &self.cfg);
-            return (self.reply(r, view), None);
-        };
+        // Always admitted; when `max_held` are held, the heaviest client's oldest gives way.
+        let (place, displaced) = waker.admit(client_of(attributes));
+        if displaced {
+            self.activity
+                .metrics
+                .wake_holds
+                .with_label_values(&["displaced_another"])
+                .inc();
+        }
         let wait = waker.timeout() + WAKE_MESSAGE_MARGIN;
         let extend = ProcessingResponse {
             override_message_timeout: Some(envoy_types::pb::google::protobuf::Duration {
@@ -214,12 +220,21 @@ impl Processor {
             WakeEnd::Ready => "ready",
             WakeEnd::Unpaused => "unpaused",
             WakeEnd::Expired => "expired",
+            WakeEnd::Displaced => "displaced",
         };
         self.activity
             .metrics
             .wake_holds
             .with_label_values(&[label])
             .inc();
+        if end == WakeEnd::Displaced {
+            // A lighter client's request took this one's place (unless it woke meanwhile).
+            if let FinalDecision::Forward(f) = decide_after_wake(&self.cfg, table, view) {
+                return self.forward(f, view);
+            }
+            let r = ErrorReply::about(ReplyCode::TooManyWakes, id, &self.cfg);
+            return (self.reply(r, view), None);
+        }
         match decide_after_wake(&self.cfg, table, view) {
             FinalDecision::Reply(r) => (self.reply(r, view), None),
             FinalDecision::Forward(f) => self.forward(f, view),

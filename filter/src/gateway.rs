@@ -41,6 +41,8 @@ pub struct Metrics {
     pub miss_hold_ms: MetricId,
     /// Requests held for a paused sandbox to wake, and how long each hold lasted.
     pub wake_holds: MetricId,
+    /// Wake holds ended early to make room for a lighter client's (`429 too_many_wakes`).
+    pub wake_holds_displaced: MetricId,
     pub wake_hold_ms: MetricId,
     routes: MetricId,
     paused_sandboxes: MetricId,
@@ -66,6 +68,7 @@ impl Metrics {
             miss_holds_displaced: h.define_counter("miss_holds_displaced", &[])?,
             miss_hold_ms: h.define_histogram("miss_hold_ms")?,
             wake_holds: h.define_counter("wake_holds", &[])?,
+            wake_holds_displaced: h.define_counter("wake_holds_displaced", &[])?,
             wake_hold_ms: h.define_histogram("wake_hold_ms")?,
             routes: h.define_gauge("routes")?,
             paused_sandboxes: h.define_gauge("paused_sandboxes")?,

@@ -16,8 +16,10 @@ use routing::decide::{
 };
 use routing::holds::ClientKey;
 use routing::key::KeyError;
+use routing::wake::WakeEnd;
 use routing::{RequestView, Route, TargetBuf};
 use std::cell::{Cell, OnceCell};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +72,8 @@ pub struct SandboxFilter {
     /// Dropped with the filter (the stream is over, the client may have left): the wake hold's
     /// task then ends at once and gives its place among the held wakes back.
     wake_cancel: Cell<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Set by the wake hold's task when a lighter client's request took its place.
+    wake_displaced: Cell<Option<Arc<AtomicBool>>>,
 }
 
 impl SandboxFilter {
@@ -82,6 +86,7 @@ impl SandboxFilter {
             hold_started: Cell::new(None),
             wake_started: Cell::new(None),
             wake_cancel: Cell::new(None),
+            wake_displaced: Cell::new(None),
         }
     }
 
@@ -108,6 +113,23 @@ impl SandboxFilter {
         }
     }
 
+    /// A wake hold that gave its place to a lighter client's: `429 too_many_wakes`.
+    fn too_many_wakes<S: Stream>(&self, s: &mut S) -> HeadersStatus {
+        let gw = self.gw;
+        let d = decide_after_wake(&gw.cfg, &gw.table, &View(&s.request_headers()));
+        match d {
+            // Woken meanwhile: serve it after all.
+            FinalDecision::Forward(f) => self.forward(s, f),
+            FinalDecision::Reply(r) => {
+                let busy = match r.id {
+                    Some(id) => ErrorReply::about(ReplyCode::TooManyWakes, id, &gw.cfg),
+                    None => r,
+                };
+                self.send(s, &busy)
+            }
+        }
+    }
+
     fn after_wake<S: Stream>(&self, s: &mut S) -> HeadersStatus {
         let gw = self.gw;
         let d = decide_after_wake(&gw.cfg, &gw.table, &View(&s.request_headers()));
@@ -125,20 +147,29 @@ impl SandboxFilter {
             // No waker, no paused set: unreachable, answered as a wake that did not finish.
             return self.send(s, &ErrorReply::about(ReplyCode::SandboxWaking, id, &gw.cfg));
         };
-        let Some(place) = waker.admit() else {
-            return self.send(s, &ErrorReply::about(ReplyCode::TooManyWakes, id, &gw.cfg));
-        };
         let Some(scheduler) = s.scheduler() else {
             return self.after_wake(s);
         };
+        // Always admitted; when `max_held` are held, the heaviest client's oldest gives way.
+        let client = s
+            .source_address()
+            .map_or(ClientKey::Unknown, ClientKey::from_source);
+        let (place, displaced) = waker.admit(client);
+        if displaced {
+            s.increment_counter(gw.metrics.wake_holds_displaced, None, 1);
+        }
         self.wake_started.set(Some(Instant::now()));
         let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
         self.wake_cancel.set(Some(cancel));
+        let gave_way = Arc::new(AtomicBool::new(false));
+        self.wake_displaced.set(Some(Arc::clone(&gave_way)));
         let waker = Arc::clone(waker);
         // The task owns the scheduler: it makes the only commit, then frees it.
         gw.spawn(async move {
             tokio::select! {
-                _ = waker.hold(&place, &id, hash) => {}
+                end = waker.hold(&place, &id, hash) => {
+                    gave_way.store(end == WakeEnd::Displaced, Ordering::Release);
+                }
                 // The filter is gone: the commit below reaches no stream.
                 _ = cancelled => {}
             }
@@ -291,8 +322,14 @@ impl HttpFilter for SandboxFilter {
             return;
         };
         s.record_histogram(metric, started.elapsed().as_millis() as u64);
+        let gave_way = self
+            .wake_displaced
+            .take()
+            .is_some_and(|d| d.load(Ordering::Acquire));
         let next = if event_id == EVENT_HOLD_DONE {
             self.after_hold(s)
+        } else if gave_way {
+            self.too_many_wakes(s)
         } else {
             self.after_wake(s)
         };

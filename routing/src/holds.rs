@@ -194,6 +194,11 @@ impl HoldBook {
 }
 
 impl Hold {
+    /// Resolves when this hold is displaced (a lighter client's newer hold took its place).
+    pub async fn displaced(&self) {
+        self.signal.notified().await
+    }
+
     /// Waits up to `timeout` for `id`'s route (or its paused marker: the route of a sandbox that
     /// is pausing can vanish before its marker arrives, and the request then becomes a wake), or
     /// until this hold is displaced.

@@ -11,6 +11,7 @@
 
 use crate::config::WakeConfig;
 use crate::decide::TokenHash;
+use crate::holds::{ClientKey, Hold, HoldBook};
 use crate::table::RouteTable;
 use futures_util::future::{select_ok, BoxFuture, FutureExt};
 use sandbox_gateway_proto::v1::wake_response::Result as WakeResult;
@@ -21,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
@@ -53,11 +53,14 @@ pub enum WakeEnd {
     Unpaused,
     /// The bound passed with the sandbox still paused: `sandbox_waking`.
     Expired,
+    /// `max_held` were held and this client held the most: a newer request of a lighter client
+    /// took this one's place (`too_many_wakes`).
+    Displaced,
 }
 
 /// One held wake; its place in `max_held` is given back when dropped.
 pub struct WakeHold {
-    _permit: OwnedSemaphorePermit,
+    hold: Hold,
 }
 
 /// Every wake of one gateway process.
@@ -67,7 +70,9 @@ pub struct Waker {
     miss_hold: Duration,
     rt: tokio::runtime::Handle,
     requester: String,
-    held: Arc<Semaphore>,
+    /// Places among the held wakes, shared between clients as the miss holds are
+    /// (routing::holds): when all are taken, the client holding the most gives up its oldest.
+    book: Arc<HoldBook>,
     /// Wakes in flight, by sandbox ID and the token hash they were checked against (a forged
     /// marker's wake, which the controller refuses, never stands in for the owner's).
     inflight: Mutex<HashSet<(Arc<str>, TokenHash)>>,
@@ -89,7 +94,7 @@ impl Waker {
         requester: String,
     ) -> Arc<Self> {
         Arc::new(Waker {
-            held: Arc::new(Semaphore::new(cfg.max_held)),
+            book: HoldBook::new(cfg.max_held),
             cfg,
             table,
             miss_hold,
@@ -106,17 +111,18 @@ impl Waker {
         self.cfg.timeout
     }
 
-    /// A place among the held wakes, or `None` when `max_held` are held (`too_many_wakes`).
-    pub fn admit(&self) -> Option<WakeHold> {
-        Arc::clone(&self.held)
-            .try_acquire_owned()
-            .ok()
-            .map(|p| WakeHold { _permit: p })
+    /// A place among the held wakes for a request of `client`: always given; when `max_held`
+    /// are held, the client holding the most gives up its oldest (that request is answered
+    /// `too_many_wakes`), so a client flooding wakes only ever displaces its own. Returns
+    /// whether one was displaced.
+    pub fn admit(&self, client: ClientKey) -> (WakeHold, bool) {
+        let (hold, displaced) = self.book.admit(client);
+        (WakeHold { hold }, displaced)
     }
 
     /// Wakes held now.
     pub fn held(&self) -> usize {
-        self.cfg.max_held - self.held.available_permits()
+        self.book.len()
     }
 
     /// Wakes whose RPC is in flight now (one per sandbox).
@@ -127,7 +133,16 @@ impl Waker {
     /// Holds a request for `id` (its token already checked against the marker hashed `hash`)
     /// until its route is Ready, its marker goes, or the bound passes; starts the sandbox's wake
     /// if none is in flight.
-    pub async fn hold(self: &Arc<Self>, _place: &WakeHold, id: &str, hash: TokenHash) -> WakeEnd {
+    pub async fn hold(self: &Arc<Self>, place: &WakeHold, id: &str, hash: TokenHash) -> WakeEnd {
+        tokio::select! {
+            // Displacement first: a displaced hold must not linger.
+            biased;
+            _ = place.hold.displaced() => WakeEnd::Displaced,
+            end = self.hold_until_settled(id, hash) => end,
+        }
+    }
+
+    async fn hold_until_settled(self: &Arc<Self>, id: &str, hash: TokenHash) -> WakeEnd {
         let deadline = Instant::now() + self.cfg.timeout;
         let ready = |t: &RouteTable| t.get(id).is_some_and(|r| r.spec.ready);
         // The flight's own bound came from the request that started it: a request held later
@@ -267,5 +282,80 @@ impl Waker {
             .map_err(|s| format!("{addr}: {:?}: {}", s.code(), s.message()))?
             .into_inner();
         WakeResult::try_from(r.result).map_err(|_| format!("{addr}: unknown result {}", r.result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Paused, RouteSpec};
+
+    fn waker(max_held: usize) -> (Arc<Waker>, Arc<RouteTable>) {
+        let table = Arc::new(RouteTable::new());
+        let cfg = WakeConfig {
+            // Nothing listens there: every wake round fails and retries, the holds just wait.
+            endpoint: "http://127.0.0.1:1".into(),
+            token: None,
+            timeout: Duration::from_secs(20),
+            max_held,
+        };
+        let w = Waker::new(
+            cfg,
+            Arc::clone(&table),
+            Duration::from_millis(50),
+            tokio::runtime::Handle::current(),
+            "test".into(),
+        );
+        (w, table)
+    }
+
+    fn client(last: u8) -> ClientKey {
+        ClientKey::from_ip(std::net::IpAddr::from([10, 0, 0, last]))
+    }
+
+    /// A client that fills `max_held` with wakes gives way to a lighter client's: its own
+    /// oldest hold ends `Displaced` (429), never the lighter client's; the rest end when the
+    /// route turns Ready.
+    #[tokio::test]
+    async fn a_wake_flood_displaces_only_itself() {
+        let (w, table) = waker(3);
+        let marker = Paused {
+            token_sha256: None,
+            wakeable: true,
+        };
+        table.set_paused("p", vec![marker]);
+        let mut flood = Vec::new();
+        for _ in 0..3 {
+            let (place, displaced) = w.admit(client(1));
+            assert!(!displaced);
+            let w = Arc::clone(&w);
+            flood.push(tokio::spawn(async move { w.hold(&place, "p", None).await }));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(w.held(), 3);
+        let (place, displaced) = w.admit(client(2));
+        assert!(displaced, "the book was full: the flood's oldest gives way");
+        let light = {
+            let w = Arc::clone(&w);
+            tokio::spawn(async move { w.hold(&place, "p", None).await })
+        };
+        assert_eq!(flood.remove(0).await.unwrap(), WakeEnd::Displaced);
+        assert_eq!(w.held(), 3);
+        // The sandbox wakes: every remaining hold ends Ready, the lighter client's included.
+        table.upsert(RouteSpec {
+            id: "p".into(),
+            ip: "10.0.0.9".parse().unwrap(),
+            port: 80,
+            ready: true,
+            token_sha256: None,
+            pod_uid: None,
+            resource_version: 0,
+        });
+        for h in flood {
+            assert_eq!(h.await.unwrap(), WakeEnd::Ready);
+        }
+        assert_eq!(light.await.unwrap(), WakeEnd::Ready);
+        assert_eq!(w.held(), 0);
+        assert!(w.stats.flights.load(Ordering::Relaxed) >= 1);
     }
 }
