@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use routing::contract::token_sha256_hex;
 use serde_json::json;
 
@@ -41,10 +41,7 @@ pub async fn ensure_token(ctx: &Context, sbx: &Sandbox) -> Result<String> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let name = secret_name(sbx);
     let token = crate::ids::new_token()?;
-    let mut owner = sbx
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))?;
-    owner.block_owner_deletion = Some(true);
+    let owner = crate::pods::controller_ref(sbx)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),

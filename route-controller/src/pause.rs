@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use routing::contract::TOKEN_SHA256_ANNOTATION;
 use serde_json::json;
 
@@ -194,10 +194,7 @@ pub async fn pause(ctx: &Context, sbx: &Sandbox) -> Result<Action> {
 pub async fn ensure_volumes(ctx: &Context, sbx: &Sandbox, pool: &SandboxPool) -> Result<()> {
     let ns = namespace_of(sbx)?;
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut owner = sbx
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))?;
-    owner.block_owner_deletion = Some(true);
+    let owner = crate::pods::controller_ref(sbx)?;
     for t in &pool.spec.volume_claim_templates {
         let tpl = t.metadata.name.as_deref().unwrap_or_default();
         let mut claim = t.clone();

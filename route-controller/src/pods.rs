@@ -70,7 +70,9 @@ pub fn pod_info(pod: &Pod, current_hash: &str) -> PodInfo {
     }
 }
 
-fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Result<OwnerReference> {
+/// `owner` as the controlling owner of an object it makes (pods, the token Secret, volumes),
+/// blocking the owner's foreground deletion until the object is gone.
+pub fn controller_ref<K: Resource<DynamicType = ()>>(owner: &K) -> Result<OwnerReference> {
     let mut r = owner
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
