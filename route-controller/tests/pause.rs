@@ -447,3 +447,92 @@ async fn files_on_a_per_sandbox_volume_survive_a_pause() {
     )
     .await;
 }
+
+/// A paused sandbox whose pool is deleted is released, and its paused marker goes with it (a
+/// released sandbox is a 404 at the gateway, never a held wake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_a_paused_sandbox_removes_its_marker() {
+    let (endpoint, _url) = wake_endpoint();
+    let s = stack(cfg(None, endpoint)).await;
+    make_pool(&s.client, "p", 1, json!({})).await;
+    wait_warm(&s.client, "p", 1).await;
+    make_sandbox(&s.client, "gone", "p", json!({})).await;
+    wait_phase(&s.client, "gone", Phase::Ready).await;
+    let api = Api::<Sandbox>::namespaced(s.client.clone(), NS);
+    api.patch(
+        "gone",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "spec": { "paused": true } })),
+    )
+    .await
+    .unwrap();
+    let paused = wait_phase(&s.client, "gone", Phase::Paused).await;
+    assert!(paused.labels().contains_key(PAUSED_LABEL));
+    Api::<sandbox_controller::crd::SandboxPool>::namespaced(s.client.clone(), NS)
+        .delete("p", &Default::default())
+        .await
+        .unwrap();
+    let released = wait_phase(&s.client, "gone", Phase::Released).await;
+    assert!(
+        !released.labels().contains_key(PAUSED_LABEL),
+        "a released sandbox kept its paused marker"
+    );
+    assert!(!released.annotations().contains_key(PAUSED_BY_ANNOTATION));
+}
+
+/// A PersistentVolumeClaim that already has a sandbox's claim name but is not that sandbox's (a
+/// deleted namesake's, not collected yet) is never mounted: the claim waits, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namesakes_volume_is_never_handed_on() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let (endpoint, _url) = wake_endpoint();
+    let s = stack(cfg(None, endpoint)).await;
+    let foreign: PersistentVolumeClaim = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": { "name": "heir-data", "namespace": NS },
+        "spec": { "accessModes": ["ReadWriteOnce"],
+                  "resources": { "requests": { "storage": "1Gi" } } },
+    }))
+    .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), NS)
+        .create(&Default::default(), &foreign)
+        .await
+        .unwrap();
+    make_pool(
+        &s.client,
+        "vol",
+        0,
+        json!({ "volumeClaimTemplates": [{
+            "metadata": { "name": "data" },
+            "spec": { "accessModes": ["ReadWriteOnce"],
+                      "resources": { "requests": { "storage": "1Gi" } } },
+        }] }),
+    )
+    .await;
+    make_sandbox(&s.client, "heir", "vol", json!({})).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while s
+        .metrics
+        .reconcile_errors
+        .with_label_values(&["sandbox", "volume_not_owned"])
+        .get()
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreign claim was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sbx = Api::<Sandbox>::namespaced(s.client.clone(), NS)
+        .get("heir")
+        .await
+        .unwrap();
+    let st = sbx.status.unwrap_or_default();
+    assert!(
+        st.pod_name.is_none(),
+        "a pod was built on someone else's volume"
+    );
+    let pods = pool_pods(&s.client, "vol").await;
+    assert!(pods.is_empty(), "{} pods", pods.len());
+}

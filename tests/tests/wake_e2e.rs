@@ -85,6 +85,11 @@ fn free_port() -> u16 {
 
 impl Stack {
     async fn start(mode: Mode, wake_timeout_ms: u64) -> Result<Stack> {
+        Self::start_with(mode, wake_timeout_ms, 10_000).await
+    }
+
+    /// [`Stack::start`] with `wake.max_held` set.
+    async fn start_with(mode: Mode, wake_timeout_ms: u64, max_held: u64) -> Result<Stack> {
         let api = FakeApiServer::start().await?;
         let kc = api.client()?;
         let volumes = tempfile::tempdir()?;
@@ -110,6 +115,7 @@ impl Stack {
                 "endpoint": format!("http://{wake_addr}"),
                 "token_file": wake_token,
                 "timeout_ms": wake_timeout_ms,
+                "max_held": max_held,
             },
         });
         let (envoy, extproc, activity) = match mode {
@@ -763,6 +769,47 @@ async fn a_forged_marker_neither_wakes_nor_locks_out_the_sandbox() -> Result<()>
     // opens the real marker and wakes it.
     let r = client::get(s.gw(), "/hello", &auth(&id, &token)).await?;
     ensure!(r.status == 200, "the owner: {} {}", r.status, r.text());
+    Ok(())
+}
+
+/// A client that leaves while its request is held gives its place back at once: with
+/// `max_held: 1`, the next client's request takes a free place instead of displacing the
+/// abandoned one (which would otherwise be held until its bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_frees_its_held_place() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = Stack::start_with(Mode::Module, 3_000, 1).await?;
+    s.pool("warm", json!({})).await?;
+    let (id, token, pod) = s.claim("left", "warm").await?;
+    s.pause_now("left").await?;
+    s.wait_paused_at_gateway(&id, &pod, 0).await?;
+    s.ctl.take(); // nothing wakes it: requests stay held until their bound
+    let mut gone = tokio::net::TcpStream::connect(s.gw()).await?;
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: gw\r\nx-sandbox-id: {id}\r\nx-access-token: {token}\r\n\r\n"
+    );
+    gone.write_all(req.as_bytes()).await?;
+    s.envoy
+        .wait_stat("dynamicmodulescustom.wake_holds", |v| v >= 1)?;
+    drop(gone); // the client leaves while held
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = client::get(s.gw(), "/", &auth(&id, &token)).await?;
+    ensure!(
+        r.json()["error"] == "sandbox_waking",
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    // Published once a second: give it two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let displaced = s
+        .envoy
+        .stat("dynamicmodulescustom.wake_holds_displaced")?
+        .unwrap_or(0);
+    ensure!(
+        displaced == 0,
+        "the abandoned hold kept its place: {displaced} displaced"
+    );
     Ok(())
 }
 
