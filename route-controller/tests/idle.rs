@@ -12,6 +12,7 @@ use kube::api::Api;
 use sandbox_controller::context::{Config, Replicas};
 use sandbox_controller::crd::{Phase, ReleaseReason, Sandbox};
 use sandbox_gateway_harness::extproc::{file_source, ExtProc};
+use sandbox_gateway_harness::refused::RefusedPort;
 use sandbox_gateway_proto::v1::activity_service_client::ActivityServiceClient;
 use sandbox_gateway_proto::v1::{ReportRequest, SandboxActivity};
 use serde_json::json;
@@ -123,10 +124,8 @@ async fn activity_on_any_replica_keeps_it_and_silence_releases_it_no_earlier_tha
 async fn an_unreachable_replica_blocks_every_idle_release() {
     let a = replica();
     // The second replica is listed but nothing listens there.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let dead_port = RefusedPort::new().unwrap();
+    let dead = format!("http://{}", dead_port.addr);
     let s = stack(cfg(vec![a.activity_endpoint(), dead])).await;
     let (_sbx, _id) = claimed(&s, "blind", "2s").await;
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -15,4 +15,5 @@ pub mod grpc;
 pub mod hung;
 pub mod kubelet;
 pub mod python;
+pub mod refused;
 pub mod sandbox;

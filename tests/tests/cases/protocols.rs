@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::gateway::RouteEntry;
 use sandbox_gateway_harness::grpc::{self, GrpcSandbox, StreamCall, UnaryRequest};
+use sandbox_gateway_harness::refused::RefusedPort;
 use sandbox_gateway_harness::sandbox::SandboxServer;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -39,13 +40,13 @@ fn expect_status(got: Result<grpc::Reply, tonic::Status>, code: Code, error: &st
 
 pub async fn grpc_through_the_gateway(start: &Starter) -> Result<()> {
     let g = GrpcSandbox::start("grpc-one", "127.0.0.1:0".parse()?).await?;
-    let closed = closed_port().await?;
+    let closed = RefusedPort::new()?;
     let gw = start(
         &[
             RouteEntry::new("grpc", g.addr),
             RouteEntry::new("grpc-later", g.addr).not_ready(),
             RouteEntry::new("grpc-token", g.addr).token_sha256(SECRET_SHA256),
-            RouteEntry::new("grpc-down", closed),
+            RouteEntry::new("grpc-down", closed.addr),
         ],
         json!({"miss_hold_ms": 100}),
     )?;
@@ -171,7 +172,7 @@ pub async fn http2_client_reaches_an_http1_sandbox(start: &Starter) -> Result<()
 /// A sandbox that refuses connections, and one that closes them mid-request, get the gateway's JSON (HTTP)
 /// rather than Envoy's plain text.
 pub async fn upstream_failures_are_json(start: &Starter) -> Result<()> {
-    let closed = closed_port().await?;
+    let closed = RefusedPort::new()?;
     let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let reset_addr = resetter.local_addr()?;
     // Reads the request, then closes without a byte of answer.
@@ -186,7 +187,7 @@ pub async fn upstream_failures_are_json(start: &Starter) -> Result<()> {
     });
     let gw = start(
         &[
-            RouteEntry::new("refuses", closed),
+            RouteEntry::new("refuses", closed.addr),
             RouteEntry::new("resets", reset_addr),
         ],
         json!({}),
@@ -204,14 +205,6 @@ pub async fn upstream_failures_are_json(start: &Starter) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A loopback port nothing listens on.
-async fn closed_port() -> Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    drop(l);
-    Ok(addr)
 }
 
 /// One GET over HTTP/2 with prior knowledge (h2c); the body parsed as JSON.
