@@ -330,6 +330,14 @@ pub struct SandboxStatus {
     /// When it last became Ready again after a pause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at: Option<Time>,
+    /// Resumes in a row that failed (pod failed, or not Ready within the pool's
+    /// `startupTimeout`); the next resume waits a backoff that doubles with each. Cleared by a
+    /// resume that ends Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_failures: Option<u32>,
+    /// When the last resume failed (the backoff counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_failed_at: Option<Time>,
     /// The Secret (same namespace) holding its access token under the key `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
@@ -339,7 +347,8 @@ pub struct SandboxStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Invalid`, `PoolMissing`, `TokenMissing`; removed when they stop holding.
+    /// `Ready`, `Invalid`, `PoolMissing`, `TokenMissing`, `ResumeFailed`; removed when they stop
+    /// holding.
     /// Always serialized (even empty): status writes are merge patches, and an omitted list
     /// would leave a cleared condition in place.
     #[serde(default)]

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub wake_seconds: prometheus::Histogram,
     /// Sandboxes in phase Paused (as of the last count, every few seconds).
     pub paused: IntGauge,
+    /// Resumes that failed and paused the sandbox again, by `reason` (PodFailed,
+    /// StartupTimeout).
+    pub resume_failures: IntCounterVec,
     /// Caches synced: `/readyz` answers 200.
     ready: AtomicBool,
 }
@@ -113,6 +116,11 @@ impl Metrics {
         registry.register(Box::new(wake_seconds.clone()))?;
         let paused = IntGauge::new("paused_sandboxes", "sandboxes in phase Paused")?;
         registry.register(Box::new(paused.clone()))?;
+        let resume_failures = counters(
+            "resume_failures_total",
+            "resumes that failed and paused the sandbox again, by reason",
+            &["reason"],
+        )?;
         Ok(Arc::new(Metrics {
             registry,
             claims,
@@ -127,6 +135,7 @@ impl Metrics {
             wakes,
             wake_seconds,
             paused,
+            resume_failures,
             ready: AtomicBool::new(false),
         }))
     }

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::claim::{bind_cold, bind_warm, bound_status, has_candidates, record, Bound};
 use crate::conditions::set_condition;
-use crate::context::Context;
+use crate::context::{now_ms, Context};
 use crate::crd::{
     Launch, PauseReason, Phase, Sandbox, SandboxPool, PAUSED_BY_ANNOTATION, PAUSED_LABEL,
 };
@@ -37,6 +37,10 @@ use crate::spec::{PoolSettings, SandboxSettings};
 
 fn now() -> Time {
     Time(jiff::Timestamp::now())
+}
+
+fn ms(t: &Time) -> u64 {
+    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
 }
 
 /// The claim name of a sandbox's volume `template` (`<sandbox>-<template>`).
@@ -278,6 +282,15 @@ pub async fn resume(ctx: &Arc<Context>, sbx: &Sandbox, pool: &SandboxPool) -> Re
         Some((pod, owned_id)) if owned_id == id => Bound::Pod(pod, Launch::Cold),
         _ => Bound::Empty,
     };
+    if matches!(bound, Bound::Empty) {
+        // After failed resumes, a new pod only once the backoff has passed.
+        let failed_at = st.resume_failed_at.as_ref().map(ms);
+        let failures = st.resume_failures.unwrap_or(0);
+        let wait = crate::decide::resume::wait_before_binding(failures, failed_at, now_ms());
+        if !wait.is_zero() {
+            return Ok(Action::requeue(wait));
+        }
+    }
     if matches!(bound, Bound::Empty)
         && !pool_settings.per_sandbox_volumes
         && has_candidates(ctx, sbx, pool)?
@@ -340,6 +353,9 @@ pub async fn finish_resume(
     let t = now();
     st.phase = Phase::Ready;
     st.resumed_at = Some(t.clone());
+    st.resume_failures = None;
+    st.resume_failed_at = None;
+    crate::conditions::clear_condition(&mut st.conditions, "ResumeFailed");
     st.last_active_at = Some(t.clone());
     if st.ready_at.is_none() {
         st.ready_at = Some(t);
@@ -352,8 +368,11 @@ pub async fn finish_resume(
         "Resumed",
         "resumed: bound and routed",
     );
-    ctx.patch_sandbox_status(sbx, &json!({ "status": st }))
-        .await?;
+    let mut patch = json!({ "status": st });
+    // A merge patch keeps what it omits: clear the failure record explicitly.
+    patch["status"]["resumeFailures"] = serde_json::Value::Null;
+    patch["status"]["resumeFailedAt"] = serde_json::Value::Null;
+    ctx.patch_sandbox_status(sbx, &patch).await?;
     clear_marker(ctx, sbx).await?;
     ctx.metrics
         .transitions
@@ -364,6 +383,61 @@ pub async fn finish_resume(
     }
     ctx.event(sbx, false, "Resumed", "Resume", "resumed and routed".into());
     Ok(())
+}
+
+/// A resume that did not end Ready (`reason`: `PodFailed`, its pod failed or went; or
+/// `StartupTimeout`, not Ready within the pool's `startupTimeout`): back to `Pausing`, so the
+/// pause deletes the pod and the sandbox is `Paused` again with its ID, token and volumes. Never
+/// a release: the sandbox's state is on its volumes, and the pod is what failed. The marker
+/// never went, so gateways keep holding; the next wake resumes it after the backoff
+/// (`decide::resume`), counted in `resumeFailures` and told by the `ResumeFailed` condition.
+pub async fn resume_failed(
+    ctx: &Context,
+    sbx: &Sandbox,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
+    let st = sbx.status.clone().unwrap_or_default();
+    let failures = st.resume_failures.unwrap_or(0).saturating_add(1);
+    let mut conds = st.conditions.clone();
+    set_condition(
+        &mut conds,
+        sbx.metadata.generation,
+        "ResumeFailed",
+        true,
+        reason,
+        &message,
+    );
+    let status = json!({
+        "phase": Phase::Pausing, "resumeFailures": failures, "resumeFailedAt": now(),
+        "conditions": conds,
+    });
+    if !ctx.fenced_status(sbx, status).await? {
+        return Ok(Action::requeue(Duration::from_millis(50)));
+    }
+    // The wake-latency histogram measures wakes that ended Ready.
+    ctx.take_wake_started(&sbx.uid().unwrap_or_default());
+    ctx.metrics
+        .transitions
+        .with_label_values(&["Resuming", "Pausing"])
+        .inc();
+    ctx.metrics
+        .resume_failures
+        .with_label_values(&[reason])
+        .inc();
+    let backoff = crate::decide::resume::backoff(failures);
+    tracing::warn!(sandbox = %sbx.name_any(), reason, failures, %message, "resume failed; pausing again");
+    ctx.event(
+        sbx,
+        true,
+        "ResumeFailed",
+        "Resume",
+        format!(
+            "{message}; paused again (failure {failures} in a row, the next resume waits {}s)",
+            backoff.as_secs()
+        ),
+    );
+    Ok(Action::await_change())
 }
 
 /// Marks a Ready sandbox `Pausing` (its reconcile then pauses it), under its resourceVersion.

@@ -388,9 +388,9 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let Some(pool) = pool_of(ctx, sbx, &ns) else {
         return release_if_pool_gone(ctx, sbx, &ns).await;
     };
-    let settings =
-        PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
-    let Ok(settings) = settings else {
+    let settings = PoolSettings::resolve(&pool.spec)
+        .and_then(|p| SandboxSettings::resolve(&sbx.spec, &p).map(|s| (p, s)));
+    let Ok((pool_settings, settings)) = settings else {
         // The pool or the overrides became invalid after the claim: keep serving as bound.
         return Ok(Action::requeue(Duration::from_secs(60)));
     };
@@ -446,14 +446,34 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         if !same {
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
+        if st.phase == Phase::Resuming {
+            let msg = format!("pod {name} failed or was deleted before it was Ready");
+            return crate::pause::resume_failed(ctx, sbx, "PodFailed", msg).await;
+        }
         release(ctx, sbx, ReleaseReason::PodFailed).await?;
         return Ok(Action::await_change());
     };
     let mut changed = false;
-    if st.phase == Phase::Resuming && ready_since_ms(pod).is_some() {
-        st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-        crate::pause::finish_resume(ctx, sbx, &mut st).await?;
-        return Ok(next_check(&settings, &st));
+    if st.phase == Phase::Resuming {
+        use crate::decide::resume::{progress, Progress};
+        let created = pod.metadata.creation_timestamp.as_ref().map_or(0, ms);
+        let ready = ready_since_ms(pod).is_some();
+        match progress(ready, created, pool_settings.startup_timeout, now_ms()) {
+            Progress::Ready => {
+                st.pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+                crate::pause::finish_resume(ctx, sbx, &mut st).await?;
+                return Ok(next_check(&settings, &st));
+            }
+            // The pod's changes trigger this reconcile; the requeue is the deadline.
+            Progress::Starting(left) => return Ok(Action::requeue(left)),
+            Progress::TimedOut => {
+                let msg = format!(
+                    "pod {name} was not Ready within the pool's startupTimeout ({}s)",
+                    pool_settings.startup_timeout.as_secs()
+                );
+                return crate::pause::resume_failed(ctx, sbx, "StartupTimeout", msg).await;
+            }
+        }
     }
     if st.phase == Phase::Pending && ready_since_ms(pod).is_some() {
         st.phase = Phase::Ready;

@@ -163,3 +163,44 @@ async fn api_server_errors_during_claims_are_retried() {
         .sum();
     assert!(errors > 0, "the injected errors were seen");
 }
+
+/// A cold claim whose status write fails after its pod was built: the retry records that pod
+/// (the sandbox owns it and it carries the drawn ID) instead of building a second one, which
+/// would give one sandbox two pods (and, with volumes, two writers on one claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_status_write_failed_adopts_its_pod() {
+    let s = stack(Config::default()).await;
+    make_pool(&s.client, "cold", 0, json!({ "onEmpty": "Cold" })).await;
+    // Created with the finalizer already on, so the claim's status write is the reconcile's
+    // first write to a Sandbox, and the injected error hits exactly it.
+    s.api.inject_errors("sandboxes", 1);
+    s.api.apply_object(
+        "sandboxes",
+        json!({
+            "apiVersion": "sandboxgateway.io/v1alpha1",
+            "kind": "Sandbox",
+            "metadata": { "name": "retry", "namespace": NS,
+                          "finalizers": [sandbox_controller::crd::FINALIZER] },
+            "spec": { "poolRef": "cold" },
+        }),
+    );
+    let ready = wait_phase(&s.client, "retry", Phase::Ready).await;
+    let failed = s
+        .metrics
+        .reconcile_errors
+        .with_label_values(&["sandbox", "kube"])
+        .get();
+    assert_eq!(failed, 1, "the injected error hit the claim");
+    let writes = s.api.write_counts();
+    assert_eq!(writes["pods"].creates, 1, "one pod built: {writes:?}");
+    let pods = Api::<Pod>::namespaced(s.client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(pods.items.len(), 1);
+    assert_eq!(pods.items[0].name_any(), pod_name(&ready));
+    assert_eq!(
+        pods.items[0].labels().get(SANDBOX_ID_LABEL),
+        ready.status.as_ref().unwrap().sandbox_id.as_ref()
+    );
+}

@@ -536,3 +536,210 @@ async fn a_namesakes_volume_is_never_handed_on() {
     let pods = pool_pods(&s.client, "vol").await;
     assert!(pods.is_empty(), "{} pods", pods.len());
 }
+
+/// Waits until the sandbox's status satisfies `f`.
+async fn wait_status(
+    client: &kube::Client,
+    name: &str,
+    what: &str,
+    f: impl Fn(&sandbox_controller::crd::SandboxStatus) -> bool + Send + 'static,
+) -> Sandbox {
+    let api = Api::<Sandbox>::namespaced(client.clone(), NS);
+    let cond = move |s: Option<&Sandbox>| s.and_then(|s| s.status.as_ref()).is_some_and(&f);
+    tokio::time::timeout(WAIT, kube::runtime::wait::await_condition(api, name, cond))
+        .await
+        .unwrap_or_else(|_| panic!("sandbox {name}: never {what}"))
+        .unwrap()
+        .unwrap()
+}
+
+fn time_ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
+    t.0.as_millisecond()
+}
+
+/// A resume whose pod fails, then one whose pod never turns Ready, each pause the sandbox again
+/// (never a release: its ID, token hash and volume stay), and each next resume waits out the
+/// backoff; the third resume ends Ready with the file written before the first pause. Owned by
+/// `spec.paused` being cleared, the resume is retried on its own: without the backoff that loop
+/// would build a pod every few milliseconds, so the test also counts every pod ever built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_resume_pauses_again_and_retries_after_a_backoff() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use sandbox_gateway_harness::kubelet::{KubeletOptions, PodFate};
+    use std::sync::{Arc, Mutex};
+    let volumes = tempfile::tempdir().unwrap();
+    let fate = Arc::new(Mutex::new(PodFate::Ready));
+    // Each pod the kubelet saw, with the time it first saw it.
+    let seen: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let (f, log) = (Arc::clone(&fate), Arc::clone(&seen));
+    let (endpoint, _url) = wake_endpoint();
+    let s = stack_with(
+        cfg(None, endpoint),
+        KubeletOptions {
+            volume_root: Some(volumes.path().to_path_buf()),
+            fate: Arc::new(move |name: &str| {
+                let now = jiff::Timestamp::now().as_millisecond();
+                log.lock().unwrap().push((name.to_string(), now));
+                *f.lock().unwrap()
+            }),
+            ..KubeletOptions::default()
+        },
+    )
+    .await;
+    let set_fate = |to: PodFate| *fate.lock().unwrap() = to;
+    let mut template = template();
+    template["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "data", "mountPath": "/data" }]);
+    make_pool(
+        &s.client,
+        "flaky",
+        0,
+        json!({
+            "template": template,
+            "startupTimeout": "2s",
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": { "accessModes": ["ReadWriteOnce"],
+                          "resources": { "requests": { "storage": "1Gi" } } },
+            }],
+        }),
+    )
+    .await;
+    make_sandbox(&s.client, "work", "flaky", json!({})).await;
+    let ready = wait_phase(&s.client, "work", Phase::Ready).await;
+    let id = status(&ready).sandbox_id.clone().unwrap();
+    let ip = s.kubelet.ip_of(NS, &pod_name(&ready)).unwrap();
+    let put = send(
+        (ip, 8080).into(),
+        "PUT",
+        "/files?path=/data/work.txt",
+        "survives failed resumes",
+    )
+    .await;
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+    let api = Api::<Sandbox>::namespaced(s.client.clone(), NS);
+    let paused = |v: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            let patch = json!({ "spec": { "paused": v } });
+            api.patch("work", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    paused(json!(true)).await;
+    wait_phase(&s.client, "work", Phase::Paused).await;
+    let hash = api.get("work").await.unwrap().annotations()[TOKEN_SHA256_ANNOTATION].clone();
+
+    // First resume: the pod fails. Paused again, nothing lost.
+    set_fate(PodFate::Fail);
+    paused(serde_json::Value::Null).await;
+    let first = wait_status(&s.client, "work", "failed a resume", |st| {
+        st.resume_failures == Some(1)
+    })
+    .await;
+    // Before the next pod is built (the backoff is 5 s): it never turns Ready.
+    set_fate(PodFate::NeverReady);
+    let st = status(&first);
+    let cond = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ResumeFailed")
+        .expect("the ResumeFailed condition");
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("True", "PodFailed")
+    );
+    assert!(
+        matches!(st.phase, Phase::Pausing | Phase::Paused | Phase::Resuming),
+        "{:?}",
+        st.phase
+    );
+    assert_eq!(st.sandbox_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        first.labels().get(PAUSED_LABEL),
+        Some(&id),
+        "the marker stays: gateways keep holding"
+    );
+    assert_eq!(
+        first.annotations().get(TOKEN_SHA256_ANNOTATION),
+        Some(&hash)
+    );
+    let failed_at = time_ms(st.resume_failed_at.as_ref().unwrap());
+
+    // Second resume, after the backoff: its pod misses the 2 s startup timeout.
+    let second = wait_status(&s.client, "work", "failed twice", |st| {
+        st.resume_failures == Some(2)
+    })
+    .await;
+    set_fate(PodFate::Ready);
+    let st = status(&second);
+    let cond = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ResumeFailed")
+        .unwrap();
+    assert_eq!(cond.reason, "StartupTimeout", "{}", cond.message);
+    let failed_again_at = time_ms(st.resume_failed_at.as_ref().unwrap());
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "one pod per resume: {seen:?}");
+        assert!(
+            seen[2].1 - failed_at >= 5_000,
+            "the second resume's pod came {} ms after the first failure (backoff 5 s)",
+            seen[2].1 - failed_at
+        );
+        // Status times are whole seconds: read the failure as the end of its second.
+        assert!(
+            failed_again_at + 1_000 - seen[2].1 >= 2_000,
+            "timed out {} ms after its pod was seen (startupTimeout 2 s)",
+            failed_again_at + 1_000 - seen[2].1
+        );
+    }
+
+    // Third resume, after a 10 s backoff: Ready, the file is there, the failure record gone.
+    let resumed = wait_status(&s.client, "work", "resumed", |st| st.phase == Phase::Ready).await;
+    let st = status(&resumed);
+    assert_eq!(st.sandbox_id.as_deref(), Some(id.as_str()));
+    assert!(
+        st.resume_failures.is_none() && st.resume_failed_at.is_none(),
+        "{st:?}"
+    );
+    assert!(
+        st.conditions.iter().all(|c| c.type_ != "ResumeFailed"),
+        "{:?}",
+        st.conditions
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4, "four pods in all: {seen:?}");
+        assert!(seen[3].1 - failed_again_at >= 10_000, "{seen:?}");
+    }
+    let ip = s.kubelet.ip_of(NS, &pod_name(&resumed)).unwrap();
+    let got = send((ip, 8080).into(), "GET", "/files?path=/data/work.txt", "").await;
+    assert!(got.ends_with("survives failed resumes"), "{got}");
+    assert!(
+        Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), NS)
+            .get_opt("work-data")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let failures = |r: &str| s.metrics.resume_failures.with_label_values(&[r]).get();
+    assert_eq!((failures("PodFailed"), failures("StartupTimeout")), (1, 1));
+    assert_eq!(
+        s.metrics.releases.with_label_values(&["PodFailed"]).get(),
+        0,
+        "a failed resume never releases"
+    );
+    // Each failed pod was deleted by the pause that followed.
+    let left: Vec<String> = Api::<Pod>::namespaced(s.client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(left, vec![pod_name(&resumed)]);
+}

@@ -6,3 +6,4 @@
 pub mod claim;
 pub mod idle;
 pub mod pool;
+pub mod resume;

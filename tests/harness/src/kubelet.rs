@@ -1,8 +1,8 @@
 //! A test kubelet: it "runs" the pods it sees through the real `kube` client. Each pod gets a
 //! loopback IP of its own (127.0.x.y) with a real [`SandboxServer`] listening on the sandbox
-//! port there, its status says `Running`, and after a configurable delay `Ready` (or `Failed`,
-//! for pods the options mark), so the gateway routes to it for real. A deleted pod's server is
-//! stopped, and its address refuses connections afterwards.
+//! port there, its status says `Running`, and after a configurable delay `Ready` (or `Failed`, or
+//! never Ready, as [`KubeletOptions::fate`] says), so the gateway routes to it for real. A deleted
+//! pod's server is stopped, and its address refuses connections afterwards.
 //!
 //! With [`PodNetwork::Netns`] each pod gets a network namespace of its own instead (root only,
 //! Debian's `ip` from iproute2): a veth pair with a /30 (host side 10.77.x.1, pod side
@@ -43,6 +43,18 @@ pub enum PodNetwork {
     Netns,
 }
 
+/// What becomes of a pod after `ready_after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodFate {
+    /// It turns `Ready`.
+    Ready,
+    /// It fails (`phase: Failed`), as an evicted pod or one whose container exits does.
+    Fail,
+    /// It keeps running and never turns Ready, as a pod stuck pulling its image or crash
+    /// looping does.
+    NeverReady,
+}
+
 /// How the kubelet treats pods.
 #[derive(Clone)]
 pub struct KubeletOptions {
@@ -51,8 +63,8 @@ pub struct KubeletOptions {
     pub ready_after: Duration,
     /// The port each pod's sandbox server listens on (the pool's sandbox port).
     pub port: u16,
-    /// Pods whose name this returns true for start and then fail (`phase: Failed`).
-    pub fail: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    /// What becomes of each pod, by name, once `ready_after` has passed.
+    pub fate: Arc<dyn Fn(&str) -> PodFate + Send + Sync>,
     /// Where PersistentVolumeClaim volumes live ([`volume_dir`]); `None`: pods get no volumes
     /// (their `/files` finds no mount). A pod whose claim directory cannot be made fails.
     pub volume_root: Option<PathBuf>,
@@ -64,7 +76,7 @@ impl Default for KubeletOptions {
             network: PodNetwork::Loopback,
             ready_after: Duration::from_millis(50),
             port: 8080,
-            fail: Arc::new(|_| false),
+            fate: Arc::new(|_| PodFate::Ready),
             volume_root: None,
         }
     }
@@ -320,7 +332,7 @@ async fn start_pod(
             &Patch::Merge(&status(false, "Running")),
         )
         .await;
-    let fail = (opts.fail)(&name);
+    let fate = (opts.fate)(&name);
     let delay = opts.ready_after;
     let running = running.clone();
     let key = key(p);
@@ -333,10 +345,10 @@ async fn start_pod(
         {
             return; // deleted meanwhile
         }
-        let body = if fail {
-            status(false, "Failed")
-        } else {
-            status(true, "Running")
+        let body = match fate {
+            PodFate::Ready => status(true, "Running"),
+            PodFate::Fail => status(false, "Failed"),
+            PodFate::NeverReady => return,
         };
         let _ = api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
