@@ -11,7 +11,9 @@
 //! `Pausing/Idle`); once the pod is gone and the gateway refuses a request without the token
 //! (it knows the marker), the clock starts: one GET with the token, held by the gateway while
 //! the controller binds a warm pod, until its response (a few bytes: the first byte and the last
-//! arrive together). One at a time, then 20 sandboxes at once.
+//! arrive together). One at a time, then 20 sandboxes at once. Two gateways watch the same
+//! cluster, the module's Envoy and an Envoy with sandbox-extproc (`SANDBOX_EXTPROC_BIN`), and
+//! every round wakes through each in turn, so the two are compared on the same machine state.
 //!
 //! Writes `benches/results/wake.md` (also printed).
 
@@ -35,6 +37,7 @@ use sandbox_gateway_apiserver::FakeApiServer;
 use sandbox_gateway_bench::pct;
 use sandbox_gateway_harness::client;
 use sandbox_gateway_harness::envoy::{repo_root, Envoy, EnvoyOptions};
+use sandbox_gateway_harness::extproc::{extproc_bootstrap, message_timeout, ExtProc};
 use sandbox_gateway_harness::gateway::bootstrap;
 use sandbox_gateway_harness::kubelet::{KubeletOptions, TestKubelet};
 use serde_json::json;
@@ -63,9 +66,10 @@ struct Sbx {
 
 struct Bench {
     kc: kube::Client,
-    gw: std::net::SocketAddr,
     metrics: Arc<Metrics>,
 }
+
+type Gw = std::net::SocketAddr;
 
 impl Bench {
     fn sandboxes(&self) -> Api<Sandbox> {
@@ -133,13 +137,13 @@ impl Bench {
     /// the sandboxes still running) and refuses a token-less request for each of `all` with 401:
     /// with their routes gone, that is the paused marker answering, so the next request with the
     /// token is a wake.
-    async fn quiet(&self, all: &[&Sbx], routes_left: u64) -> Result<()> {
+    async fn quiet(&self, gw: Gw, all: &[&Sbx], routes_left: u64) -> Result<()> {
         let deadline = Instant::now() + WAIT;
         loop {
-            let ready = client::get(self.gw, "/.well-known/sandbox-gateway/ready", &[]).await?;
+            let ready = client::get(gw, "/.well-known/sandbox-gateway/ready", &[]).await?;
             let mut refused = 0;
             for s in all {
-                let r = client::get(self.gw, "/", &[("x-sandbox-id", &s.id)]).await?;
+                let r = client::get(gw, "/", &[("x-sandbox-id", &s.id)]).await?;
                 refused += usize::from(r.status == 401);
             }
             if ready.json()["routes"] == routes_left && refused == all.len() {
@@ -195,10 +199,10 @@ impl Bench {
     }
 
     /// One request with the token to a paused sandbox: seconds to its response.
-    async fn wake(&self, s: &Sbx) -> Result<f64> {
+    async fn wake(&self, gw: Gw, s: &Sbx) -> Result<f64> {
         let t0 = Instant::now();
         let r = client::get(
-            self.gw,
+            gw,
             "/",
             &[("x-sandbox-id", &s.id), ("x-access-token", &s.token)],
         )
@@ -259,10 +263,20 @@ async fn main() -> Result<()> {
         "miss_hold_ms": 300,
         "wake": { "endpoint": format!("http://{wake_addr}"), "token_file": token_file },
     });
-    let envoy = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&gw_cfg, 0, 0)?))?;
+    let module = Envoy::start(EnvoyOptions::sandboxes(bootstrap(&gw_cfg, 0, 0)?))?;
+    let extproc = ExtProc::start(&gw_cfg, &[])?;
+    let via_extproc = Envoy::start(EnvoyOptions::sandboxes(extproc_bootstrap(
+        0,
+        0,
+        extproc.extproc,
+        message_timeout(&gw_cfg),
+    )?))?;
+    let gateways: [(&str, Gw); 2] = [
+        ("module", module.listener),
+        ("ext_proc", via_extproc.listener),
+    ];
     let b = Bench {
         kc: kc.clone(),
-        gw: envoy.listener,
         metrics,
     };
     let pool: SandboxPool = serde_json::from_value(json!({
@@ -283,28 +297,37 @@ async fn main() -> Result<()> {
     };
     tokio::time::timeout(WAIT, full()).await??;
 
-    let mut seq = Vec::new();
-    let one = b.claim("seq").await?;
-    for _ in 0..args.sequential {
-        tokio::time::timeout(WAIT, full()).await??;
-        b.pause(&one).await?;
-        b.quiet(&[&one], 0).await?;
-        seq.push(b.wake(&one).await?);
+    // One sandbox per gateway for the one-at-a-time runs; while one is paused the other runs,
+    // so each gateway holds one route when quiet.
+    let mut seq: [Vec<f64>; 2] = Default::default();
+    let mut ones = Vec::new();
+    for g in 0..gateways.len() {
+        ones.push(b.claim(&format!("seq-{g}")).await?);
     }
-    let mut par = Vec::new();
+    for _ in 0..args.sequential {
+        for (g, (_, gw)) in gateways.iter().enumerate() {
+            tokio::time::timeout(WAIT, full()).await??;
+            b.pause(&ones[g]).await?;
+            b.quiet(*gw, &[&ones[g]], 1).await?;
+            seq[g].push(b.wake(*gw, &ones[g]).await?);
+        }
+    }
+    let mut par: [Vec<f64>; 2] = Default::default();
     let many: Vec<Sbx> = join_all((0..20).map(|i| b.claim_named(i)))
         .await
         .into_iter()
         .collect::<Result<_>>()?;
     for _ in 0..args.parallel_rounds {
-        tokio::time::timeout(WAIT, full()).await??;
-        for r in join_all(many.iter().map(|s| b.pause(s))).await {
-            r?;
-        }
-        // `seq` stays Ready: one route left.
-        b.quiet(&many.iter().collect::<Vec<_>>(), 1).await?;
-        for r in join_all(many.iter().map(|s| b.wake(s))).await {
-            par.push(r?);
+        for (g, (_, gw)) in gateways.iter().enumerate() {
+            tokio::time::timeout(WAIT, full()).await??;
+            for r in join_all(many.iter().map(|s| b.pause(s))).await {
+                r?;
+            }
+            // The two one-at-a-time sandboxes stay Ready: two routes left.
+            b.quiet(*gw, &many.iter().collect::<Vec<_>>(), 2).await?;
+            for r in join_all(many.iter().map(|s| b.wake(*gw, s))).await {
+                par[g].push(r?);
+            }
         }
     }
     let hist = b.metrics.wake_seconds.clone();
@@ -313,13 +336,16 @@ async fn main() -> Result<()> {
     let _ = writeln!(
         out,
         "In-process API server, test kubelet (pods Ready 20 ms after seen), controller with its \
-         WakeService, real Envoy with the module (release builds). Paused like the idle pass \
-         pauses; the clock runs from the GET with the token to its response.\n"
+         WakeService, two real Envoys watching the same cluster: one with the module, one with \
+         sandbox-extproc (release builds), woken through in turn each round. Paused like the \
+         idle pass pauses; the clock runs from the GET with the token to its response.\n"
     );
-    let _ = writeln!(out, "| run | wakes | p50 ms | p99 ms | max ms |");
-    let _ = writeln!(out, "|---|---|---|---|---|");
-    line(&mut out, "one at a time", &mut seq);
-    line(&mut out, "20 at once", &mut par);
+    let _ = writeln!(out, "| gateway | run | wakes | p50 ms | p99 ms | max ms |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (g, (name, _)) in gateways.iter().enumerate() {
+        line(&mut out, &format!("{name} | one at a time"), &mut seq[g]);
+        line(&mut out, &format!("{name} | 20 at once"), &mut par[g]);
+    }
     let _ = writeln!(
         out,
         "\nController side (wake accepted → Ready, `sandboxgateway_wake_duration_seconds`): \

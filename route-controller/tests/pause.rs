@@ -326,6 +326,26 @@ async fn a_standby_refuses_wakes() {
     assert_eq!(metrics.wakes.with_label_values(&["not_leader"]).get(), 1);
 }
 
+/// A pool without warm pods whose sandboxes each get a volume `data` (claim `<sandbox>-data`)
+/// mounted at `/data`; `extra` adds spec fields.
+async fn volume_pool(client: &kube::Client, name: &str, extra: serde_json::Value) {
+    let mut template = template();
+    template["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "data", "mountPath": "/data" }]);
+    let mut spec = json!({
+        "template": template,
+        "volumeClaimTemplates": [{
+            "metadata": { "name": "data" },
+            "spec": { "accessModes": ["ReadWriteOnce"],
+                      "resources": { "requests": { "storage": "1Gi" } } },
+        }],
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    make_pool(client, name, 0, spec).await;
+}
+
 /// An HTTP/1.1 request with a body to the pod's own server (`/files` reads and writes the
 /// volumes the test kubelet mounted).
 async fn send(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> String {
@@ -355,23 +375,7 @@ async fn files_on_a_per_sandbox_volume_survive_a_pause() {
         },
     )
     .await;
-    let mut template = template();
-    template["spec"]["containers"][0]["volumeMounts"] =
-        json!([{ "name": "data", "mountPath": "/data" }]);
-    make_pool(
-        &s.client,
-        "vol",
-        0,
-        json!({
-            "template": template,
-            "volumeClaimTemplates": [{
-                "metadata": { "name": "data" },
-                "spec": { "accessModes": ["ReadWriteOnce"],
-                          "resources": { "requests": { "storage": "1Gi" } } },
-            }],
-        }),
-    )
-    .await;
+    volume_pool(&s.client, "vol", json!({})).await;
     make_sandbox(&s.client, "notes", "vol", json!({})).await;
     let ready = wait_phase(&s.client, "notes", Phase::Ready).await;
     let id = status(&ready).sandbox_id.clone().unwrap();
@@ -498,17 +502,7 @@ async fn a_namesakes_volume_is_never_handed_on() {
         .create(&Default::default(), &foreign)
         .await
         .unwrap();
-    make_pool(
-        &s.client,
-        "vol",
-        0,
-        json!({ "volumeClaimTemplates": [{
-            "metadata": { "name": "data" },
-            "spec": { "accessModes": ["ReadWriteOnce"],
-                      "resources": { "requests": { "storage": "1Gi" } } },
-        }] }),
-    )
-    .await;
+    volume_pool(&s.client, "vol", json!({})).await;
     make_sandbox(&s.client, "heir", "vol", json!({})).await;
     let deadline = std::time::Instant::now() + WAIT;
     while s
@@ -587,24 +581,7 @@ async fn a_failed_resume_pauses_again_and_retries_after_a_backoff() {
     )
     .await;
     let set_fate = |to: PodFate| *fate.lock().unwrap() = to;
-    let mut template = template();
-    template["spec"]["containers"][0]["volumeMounts"] =
-        json!([{ "name": "data", "mountPath": "/data" }]);
-    make_pool(
-        &s.client,
-        "flaky",
-        0,
-        json!({
-            "template": template,
-            "startupTimeout": "2s",
-            "volumeClaimTemplates": [{
-                "metadata": { "name": "data" },
-                "spec": { "accessModes": ["ReadWriteOnce"],
-                          "resources": { "requests": { "storage": "1Gi" } } },
-            }],
-        }),
-    )
-    .await;
+    volume_pool(&s.client, "flaky", json!({ "startupTimeout": "2s" })).await;
     make_sandbox(&s.client, "work", "flaky", json!({})).await;
     let ready = wait_phase(&s.client, "work", Phase::Ready).await;
     let id = status(&ready).sandbox_id.clone().unwrap();
