@@ -33,16 +33,8 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics = sandbox_gateway_harness::loopback::child_addr().unwrap();
     let kc = dir.join(format!("{name}.kubeconfig"));
     api.kubeconfig_with_token(&kc, name).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
@@ -58,7 +50,9 @@ fn spawn(api: &FakeApiServer, dir: &std::path::Path, name: &str) -> Proc {
             "--metrics-bind-address",
             &metrics.to_string(),
             "--wake-bind-address",
-            &format!("127.0.0.1:{}", free_port()),
+            &sandbox_gateway_harness::loopback::child_addr()
+                .unwrap()
+                .to_string(),
         ])
         .env("KUBECONFIG", &kc)
         .env("RUST_LOG", "warn,sandbox_controller=info")

@@ -76,13 +76,6 @@ struct Stack {
     _volumes: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 impl Stack {
     async fn start(mode: Mode, wake_timeout_ms: u64) -> Result<Stack> {
         Self::start_with(mode, wake_timeout_ms, 10_000).await
@@ -107,7 +100,7 @@ impl Stack {
         std::fs::write(&wake_token, WAKE_TOKEN)?;
         let activity_token = dir.path().join("activity-token");
         std::fs::write(&activity_token, ACTIVITY_TOKEN)?;
-        let wake_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let wake_addr = sandbox_gateway_harness::loopback::child_addr()?;
         let mut cfg = json!({
             "route_source": { "type": "kubernetes", "kubeconfig": kubeconfig },
             "miss_hold_ms": 300,
@@ -171,7 +164,7 @@ impl Stack {
 
     /// Starts (or restarts) the controller, its WakeService on the same address.
     fn start_controller(&mut self) -> Result<()> {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let metrics = sandbox_gateway_harness::loopback::child_addr()?;
         let d = self.dir.path();
         let child = std::process::Command::new(controller_bin()?)
             .args(["run", "--idle-interval", "300ms"])

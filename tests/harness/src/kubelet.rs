@@ -163,24 +163,6 @@ fn make_netns(n: u32) -> anyhow::Result<(Netns, Ipv4Addr)> {
     Ok((ns, pod))
 }
 
-/// The next loopback address (127.0.0.x stays for the tests' own listeners). One process shares
-/// the sequence, so two kubelets never hand out one address; each process starts at its own
-/// offset (from its pid, in steps of 4,096 addresses), so kubelets of processes that run at once
-/// (a benchmark beside a test run) do not hand out each other's addresses either.
-fn next_ip() -> Ipv4Addr {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // 4,000 blocks of 4,096 addresses: 127.0.1.1 up to 127.250.x.y.
-    let base = 256 + (std::process::id() % 4000) * 4096;
-    let _ = NEXT.compare_exchange(0, base + 1, Ordering::Relaxed, Ordering::Relaxed);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    Ipv4Addr::new(
-        127,
-        ((n >> 16) & 0xff) as u8,
-        ((n >> 8) & 0xff) as u8,
-        (n & 0xff) as u8,
-    )
-}
-
 fn key(p: &Pod) -> String {
     format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
 }
@@ -271,7 +253,7 @@ async fn start_pod(
     };
     let (ip, netns, server) = match opts.network {
         PodNetwork::Loopback => {
-            let ip = next_ip();
+            let ip = crate::loopback::next_ip();
             let addr = SocketAddr::new(IpAddr::V4(ip), opts.port);
             let server = SandboxServer::start_with_mounts(&name, addr, mounts).await;
             (ip, None, server)

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod grpc;
 pub mod hung;
 pub mod kubelet;
+pub mod loopback;
 pub mod python;
 pub mod refused;
 pub mod sandbox;
