@@ -158,6 +158,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A status or metadata time as Unix milliseconds (0 before the epoch).
+pub fn time_ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
+    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
+}
+
 impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn new(

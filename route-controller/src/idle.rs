@@ -20,15 +20,11 @@ use sandbox_gateway_proto::v1::activity_service_client::ActivityServiceClient;
 use sandbox_gateway_proto::v1::GetLastActiveRequest;
 use serde_json::json;
 
-use crate::context::{now_ms, Context, Replicas};
+use crate::context::{now_ms, time_ms, Context, Replicas};
 use crate::crd::{IdlePolicy, PauseReason, Phase, ReleaseReason, Sandbox};
 use crate::decide::idle::{judge, merge, should_store, Answer, Clock, Reply, Sight, Verdict};
 use crate::error::{namespace_of, Result};
 use crate::spec::{PoolSettings, SandboxSettings};
-
-fn ms(t: &Time) -> u64 {
-    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
-}
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -192,9 +188,9 @@ fn clock(ctx: &Context, sbx: &Sandbox) -> Option<Clock> {
         .ok()?;
     // Status times are whole seconds on the wire: read them as the end of their second, so
     // the rounding can only make a sandbox look more recently active, never less.
-    let ceil = |t: &Time| ms(t) + 999;
+    let ceil = |t: &Time| time_ms(t) + 999;
     Some(Clock {
-        claimed_ms: st.claimed_at.as_ref().map(ms)?,
+        claimed_ms: st.claimed_at.as_ref().map(time_ms)?,
         ready_ms: st.ready_at.as_ref().map(ceil),
         stored_last_active_ms: st.last_active_at.as_ref().map(ceil),
         idle_timeout_ms: settings.idle_timeout.map(millis),

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::claim::{bind_cold, bind_warm, bound_status, has_candidates, record, Bound};
 use crate::conditions::set_condition;
-use crate::context::{now_ms, Context};
+use crate::context::{now_ms, time_ms, Context};
 use crate::crd::{
     Launch, PauseReason, Phase, Sandbox, SandboxPool, PAUSED_BY_ANNOTATION, PAUSED_LABEL,
 };
@@ -37,10 +37,6 @@ use crate::spec::{PoolSettings, SandboxSettings};
 
 fn now() -> Time {
     Time(jiff::Timestamp::now())
-}
-
-fn ms(t: &Time) -> u64 {
-    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
 }
 
 /// The claim name of a sandbox's volume `template` (`<sandbox>-<template>`).
@@ -277,20 +273,19 @@ pub async fn resume(ctx: &Arc<Context>, sbx: &Sandbox, pool: &SandboxPool) -> Re
             "the paused marker's access-token-sha256 annotation",
         ));
     }
+    // After failed resumes, nothing is bound until the backoff has passed (so a pod left by an
+    // earlier attempt of this resume can only exist once it has).
+    let failed_at = st.resume_failed_at.as_ref().map(time_ms);
+    let failures = st.resume_failures.unwrap_or(0);
+    let wait = crate::decide::resume::wait_before_binding(failures, failed_at, now_ms());
+    if !wait.is_zero() {
+        return Ok(Action::requeue(wait));
+    }
     // A pod an earlier attempt bound with this ID (its status write failed) is the resume's.
     let mut bound = match crate::claim::owned_live_pod(ctx, sbx).await? {
         Some((pod, owned_id)) if owned_id == id => Bound::Pod(pod, Launch::Cold),
         _ => Bound::Empty,
     };
-    if matches!(bound, Bound::Empty) {
-        // After failed resumes, a new pod only once the backoff has passed.
-        let failed_at = st.resume_failed_at.as_ref().map(ms);
-        let failures = st.resume_failures.unwrap_or(0);
-        let wait = crate::decide::resume::wait_before_binding(failures, failed_at, now_ms());
-        if !wait.is_zero() {
-            return Ok(Action::requeue(wait));
-        }
-    }
     if matches!(bound, Bound::Empty)
         && !pool_settings.per_sandbox_volumes
         && has_candidates(ctx, sbx, pool)?

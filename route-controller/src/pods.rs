@@ -12,6 +12,7 @@ use routing::contract::{PORT_ANNOTATION, SANDBOX_ID_LABEL, TOKEN_SHA256_ANNOTATI
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::context::time_ms;
 use crate::crd::{
     Sandbox, SandboxPool, POOL_LABEL, SANDBOX_NAME_ANNOTATION, TEMPLATE_HASH_ANNOTATION,
 };
@@ -24,17 +25,13 @@ pub fn template_hash(pool: &SandboxPool) -> Result<String> {
     Ok(hex::encode(&Sha256::digest(&bytes)[..8]))
 }
 
-fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
-    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
-}
-
 /// Unix ms of a pod's Ready condition turning True (`None`: not Ready).
 pub fn ready_since_ms(pod: &Pod) -> Option<u64> {
     let conds = pod.status.as_ref()?.conditions.as_ref()?;
     let c = conds
         .iter()
         .find(|c| c.type_ == "Ready" && c.status == "True")?;
-    Some(c.last_transition_time.as_ref().map_or(1, ms))
+    Some(c.last_transition_time.as_ref().map_or(1, time_ms))
 }
 
 /// Whether a pod is bound to a sandbox: the route label, or a `Sandbox` controller owner.
@@ -57,7 +54,7 @@ pub fn pod_info(pod: &Pod, current_hash: &str) -> PodInfo {
         name: pod.name_any(),
         uid: pod.uid().unwrap_or_default(),
         resource_version: pod.resource_version().unwrap_or_default(),
-        created_ms: pod.metadata.creation_timestamp.as_ref().map_or(0, ms),
+        created_ms: pod.metadata.creation_timestamp.as_ref().map_or(0, time_ms),
         ready_since_ms: ready_since_ms(pod),
         terminated: matches!(phase, Some("Failed") | Some("Succeeded")),
         deleting: pod.metadata.deletion_timestamp.is_some(),

@@ -17,7 +17,7 @@ use crate::claim::{
     bind_cold, bind_warm, bound_status, ensure_token, has_candidates, record, token_hash, Bound,
 };
 use crate::conditions::{clear_condition, set_condition};
-use crate::context::{now_ms, Context};
+use crate::context::{now_ms, time_ms, Context};
 use crate::crd::{
     Launch, OnEmpty, PauseReason, Phase, ReleaseReason, Sandbox, SandboxPool, FINALIZER,
     RESUME_ANNOTATION,
@@ -26,10 +26,6 @@ use crate::error::{is_not_found, namespace_of, Error, Result};
 use crate::pods::{ready_since_ms, sandbox_owner};
 use crate::release::{drop_finalizer, release};
 use crate::spec::{PoolSettings, SandboxSettings};
-
-fn ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
-    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
-}
 
 /// Reconciles one sandbox.
 pub async fn reconcile(sbx: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action> {
@@ -110,7 +106,7 @@ async fn paused(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         PoolSettings::resolve(&pool.spec).and_then(|p| SandboxSettings::resolve(&sbx.spec, &p));
     if let (Ok(s), Some(at)) = (&settings, st.claimed_at.as_ref()) {
         if let Some(max) = s.max_lifetime {
-            let end = ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+            let end = time_ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
             if now_ms() >= end {
                 release(ctx, sbx, ReleaseReason::Expired).await?;
                 return Ok(Action::await_change());
@@ -248,7 +244,7 @@ async fn claim(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     if !warm && !cold {
         // Nothing to bind: wait (watch-driven) or fail, with no write on the way.
         let age_ms =
-            now_ms().saturating_sub(sbx.metadata.creation_timestamp.as_ref().map_or(0, ms));
+            now_ms().saturating_sub(sbx.metadata.creation_timestamp.as_ref().map_or(0, time_ms));
         let wait_ms = u64::try_from(pool_settings.claim_wait.as_millis()).unwrap_or(u64::MAX);
         if pool_settings.on_empty == OnEmpty::Wait && age_ms < wait_ms {
             ctx.metrics
@@ -362,7 +358,7 @@ fn ready_condition(st: &mut crate::crd::SandboxStatus, generation: Option<i64>) 
 }
 
 fn observe_ready(ctx: &Context, sbx: &Sandbox, launch: &str) {
-    let created = sbx.metadata.creation_timestamp.as_ref().map_or(0, ms);
+    let created = sbx.metadata.creation_timestamp.as_ref().map_or(0, time_ms);
     let secs = now_ms().saturating_sub(created) as f64 / 1000.0;
     ctx.metrics
         .claim_seconds
@@ -374,7 +370,7 @@ fn observe_ready(ctx: &Context, sbx: &Sandbox, launch: &str) {
 fn next_check(settings: &SandboxSettings, st: &crate::crd::SandboxStatus) -> Action {
     match (settings.max_lifetime, st.claimed_at.as_ref()) {
         (Some(max), Some(at)) => {
-            let end = ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+            let end = time_ms(at) + u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
             Action::requeue(Duration::from_millis(end.saturating_sub(now_ms()).max(10)))
         }
         _ => Action::requeue(Duration::from_secs(300)),
@@ -395,7 +391,9 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
         return Ok(Action::requeue(Duration::from_secs(60)));
     };
     if let (Some(max), Some(at)) = (settings.max_lifetime, st.claimed_at.as_ref()) {
-        if now_ms().saturating_sub(ms(at)) >= u64::try_from(max.as_millis()).unwrap_or(u64::MAX) {
+        if now_ms().saturating_sub(time_ms(at))
+            >= u64::try_from(max.as_millis()).unwrap_or(u64::MAX)
+        {
             release(ctx, sbx, ReleaseReason::Expired).await?;
             return Ok(Action::await_change());
         }
@@ -456,7 +454,7 @@ async fn watch_bound(ctx: &Arc<Context>, sbx: &Sandbox) -> Result<Action> {
     let mut changed = false;
     if st.phase == Phase::Resuming {
         use crate::decide::resume::{progress, Progress};
-        let created = pod.metadata.creation_timestamp.as_ref().map_or(0, ms);
+        let created = pod.metadata.creation_timestamp.as_ref().map_or(0, time_ms);
         let ready = ready_since_ms(pod).is_some();
         match progress(ready, created, pool_settings.startup_timeout, now_ms()) {
             Progress::Ready => {

@@ -547,6 +547,16 @@ async fn wait_status(
         .unwrap()
 }
 
+fn resume_failed(
+    st: &sandbox_controller::crd::SandboxStatus,
+) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == "ResumeFailed")
+        .expect("the ResumeFailed condition")
+}
+
+/// Signed, so the test can subtract two of them.
 fn time_ms(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
     t.0.as_millisecond()
 }
@@ -618,11 +628,7 @@ async fn a_failed_resume_pauses_again_and_retries_after_a_backoff() {
     // Before the next pod is built (the backoff is 5 s): it never turns Ready.
     set_fate(PodFate::NeverReady);
     let st = status(&first);
-    let cond = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ResumeFailed")
-        .expect("the ResumeFailed condition");
+    let cond = resume_failed(st);
     assert_eq!(
         (cond.status.as_str(), cond.reason.as_str()),
         ("True", "PodFailed")
@@ -651,11 +657,7 @@ async fn a_failed_resume_pauses_again_and_retries_after_a_backoff() {
     .await;
     set_fate(PodFate::Ready);
     let st = status(&second);
-    let cond = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "ResumeFailed")
-        .unwrap();
+    let cond = resume_failed(st);
     assert_eq!(cond.reason, "StartupTimeout", "{}", cond.message);
     let failed_again_at = time_ms(st.resume_failed_at.as_ref().unwrap());
     {
